@@ -1,0 +1,39 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "qnbd",
+    products: [
+        .executable(name: "qnbd", targets: ["qnbd"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // The only module that sees <uv.h>.
+        .systemLibrary(name: "CLibUV", pkgConfig: "libuv", providers: [.apt(["libuv1-dev"])]),
+        // Swift face of libuv: loop, listeners, streams, off-loop file I/O, timers, signals, mailbox.
+        .target(name: "UVCore", dependencies: ["CLibUV"]),
+        // Pure NBD wire format and the handshake/transmission state machines. No I/O.
+        .target(name: "NBDProtocol"),
+        // The seam between the protocol and the image formats. No I/O.
+        .target(name: "BlockDevice"),
+        // Linux-only libc calls (fallocate, SEEK_DATA) that Glibc's Swift module does not expose.
+        .target(name: "CLinux"),
+        // Raw files and block devices, served through UVCore's file I/O.
+        .target(name: "RawDriver", dependencies: ["BlockDevice", "UVCore", "CLinux"]),
+        // Glue: listeners, connections, exports, configuration.
+        .target(name: "NBDServer", dependencies: [
+            "UVCore", "NBDProtocol", "BlockDevice", "RawDriver",
+        ]),
+        .executableTarget(name: "qnbd", dependencies: [
+            "NBDServer",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        .testTarget(name: "UVCoreTests", dependencies: ["UVCore"]),
+        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
+        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "RawDriver", "BlockDevice", "UVCore"]),
+    ],
+    swiftLanguageModes: [.v6]
+)
