@@ -1,0 +1,331 @@
+// FileIO: positioned file I/O that never blocks the loop.
+//
+// Two paths. Reads first try preadv2(RWF_NOWAIT) on the loop thread: a page-cache
+// hit costs one syscall and no thread hand-off. EAGAIN (not cached) or a short
+// count (partly cached) sends the rest to libuv's thread pool through
+// uv_queue_work, whose work callback does a plain pread loop. Writes try
+// pwritev2(RWF_NOWAIT) the same way, but ext4 on this machine answers
+// EOPNOTSUPP for every buffered NOWAIT write, so after the first EOPNOTSUPP a
+// FileIO stops trying (one wasted syscall per FileIO, not per write).
+// fdatasync, fallocate, FUA writes and arbitrary jobs always go to the pool.
+//
+// An O_DIRECT descriptor bypasses the page cache, so an "inline" read would
+// wait for the disk on the loop thread: set both inline limits to 0 for one.
+//
+// Reads past end of file produce zeros, so a short or sparse image reads as if
+// it were extended with zeros; the result is always the full length or -errno.
+//
+// Ownership. Work requests (a uv_work_t plus a FileWorkRequest) come from this
+// object's free list and go back to it in the after-work callback, before the
+// completion runs, so a completion may queue again at no cost. A request holds
+// its completion object strongly while in flight. The FileIO itself holds one
+// strong reference to itself while any request is in flight, so dropping it
+// early cannot free a request libuv still owns.
+//
+// Threads. The work callback runs on a pool thread and touches only its own
+// request's plain fields (fd, buffer, length, offset, mode, result, job); the
+// loop thread does not touch the request between uv_queue_work and the
+// after-work callback, and libuv's queue lock orders the two sides.
+
+import CLibUV
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Receives the result of a queued `FileIO` operation, on the loop thread.
+public protocol FileIOCompletion: AnyObject {
+    /// result: bytes transferred (always the full length asked for) or -errno.
+    /// fdatasync and fallocate report 0; `run` reports what its job returned.
+    func fileIOCompleted(context: UInt64, result: Int)
+}
+
+/// How a `FileIO` call ended up.
+public enum FileIOOutcome {
+    /// Finished on the loop thread: bytes (the full length) or -errno. No completion call follows.
+    case done(Int)
+    /// Handed to the thread pool; the completion will be called.
+    case queued
+}
+
+/// Linux FALLOC_FL_* bits for `FileIO.fallocate(mode:)`.
+public enum FallocateMode {
+    public static let keepSize = Int32(FALLOC_FL_KEEP_SIZE)
+    /// Deallocate the range; must be combined with keepSize.
+    public static let punchHole = Int32(FALLOC_FL_PUNCH_HOLE)
+    public static let zeroRange = Int32(FALLOC_FL_ZERO_RANGE)
+}
+
+/// lseek whence values that Swift's Glibc module does not export.
+public enum SeekWhence {
+    public static let data = clibuv_seek_data
+    public static let hole = clibuv_seek_hole
+}
+
+/// One pool operation. Lives in memory owned by FileIO's free list.
+struct FileWorkRequest {
+    enum Operation { case read, write, writeDSync, fdatasync, fallocate, run }
+
+    let uv: UnsafeMutablePointer<uv_work_t>
+    let owner: Unmanaged<FileIO>
+    var operation = Operation.read
+    var fd: Int32 = -1
+    var mode: Int32 = 0
+    var buffer: UnsafeMutableRawPointer?
+    var length = 0
+    var offset: UInt64 = 0
+    /// Bytes the inline attempt already moved; added to a successful result.
+    var alreadyDone = 0
+    var result = 0
+    var context: UInt64 = 0
+    var completion: (any FileIOCompletion)?
+    var job: (@Sendable () -> Int)?
+}
+
+private let onWork: uv_work_cb = { work in
+    let request = work!.pointee.data.assumingMemoryBound(to: FileWorkRequest.self)
+    request.pointee.result = performBlocking(request)
+}
+
+private let onAfterWork: uv_after_work_cb = { work, status in
+    let request = work!.pointee.data.assumingMemoryBound(to: FileWorkRequest.self)
+    let owner = request.pointee.owner
+    // The release must happen outside the borrow: it may be the FileIO's last reference.
+    if owner._withUnsafeGuaranteedRef({ $0.didFinish(request, status: status) }) {
+        owner.release()
+    }
+}
+
+/// Runs on a pool thread. Returns the byte count, 0, the job's value, or -errno.
+private func performBlocking(_ request: UnsafeMutablePointer<FileWorkRequest>) -> Int {
+    let fd = request.pointee.fd
+    let buffer = request.pointee.buffer
+    let length = request.pointee.length
+    let offset = off_t(request.pointee.offset)
+    switch request.pointee.operation {
+    case .read:
+        var done = 0
+        while done < length {
+            let n = pread(fd, buffer! + done, length - done, offset + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                return -Int(errno)
+            }
+            if n == 0 {
+                // End of file: the rest of the range reads as zeros.
+                (buffer! + done).initializeMemory(as: UInt8.self, repeating: 0, count: length - done)
+                break
+            }
+            done += n
+        }
+        return length
+    case .write:
+        return writeFully(fd, buffer!, length, offset, flags: 0)
+    case .writeDSync:
+        let result = writeFully(fd, buffer!, length, offset, flags: clibuv_rwf_dsync)
+        guard result == -Int(EOPNOTSUPP) || result == -Int(EINVAL) else { return result }
+        // A kernel or filesystem without RWF_DSYNC: the same guarantee, two steps.
+        let plain = writeFully(fd, buffer!, length, offset, flags: 0)
+        guard plain >= 0 else { return plain }
+        return retryingEINTR { fdatasync(fd) } < 0 ? -Int(errno) : plain
+    case .fdatasync:
+        return retryingEINTR { fdatasync(fd) } < 0 ? -Int(errno) : 0
+    case .fallocate:
+        let mode = request.pointee.mode
+        return retryingEINTR { clibuv_fallocate(fd, mode, offset, off_t(length)) } < 0 ? -Int(errno) : 0
+    case .run:
+        return request.pointee.job!()
+    }
+}
+
+private func writeFully(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ length: Int, _ offset: off_t, flags: Int32) -> Int {
+    var done = 0
+    while done < length {
+        var iov = iovec(iov_base: buffer + done, iov_len: length - done)
+        let n = clibuv_pwritev2(fd, &iov, 1, offset + off_t(done), flags)
+        if n < 0 {
+            if errno == EINTR { continue }
+            return -Int(errno)
+        }
+        if n == 0 { return -Int(EIO) }   // no progress and no error: do not spin
+        done += n
+    }
+    return length
+}
+
+@inline(__always)
+private func retryingEINTR(_ call: () -> Int32) -> Int32 {
+    while true {
+        let rc = call()
+        if rc == 0 || errno != EINTR { return rc }
+    }
+}
+
+/// Positioned file I/O for one loop: inline when it cannot block, otherwise on libuv's thread pool.
+public final class FileIO {
+    private let loop: EventLoop
+    private var freeRequests: [UnsafeMutablePointer<FileWorkRequest>] = []
+    private var inFlight = 0
+    private var inlineReadsSupported = true
+    private var inlineWritesSupported = true
+    private var counters = (inlineReads: 0, pooledReads: 0, inlineWrites: 0, pooledWrites: 0)
+
+    /// Reads longer than this skip the inline attempt (a big copy on the loop delays every socket). 0 = never inline.
+    public var inlineReadLimit = 1 << 20
+    /// Same for writes. 0 = never inline.
+    public var inlineWriteLimit = 1 << 20
+
+    /// How many reads and writes finished inline and how many went to the pool.
+    public var statistics: (inlineReads: Int, pooledReads: Int, inlineWrites: Int, pooledWrites: Int) {
+        counters
+    }
+
+    /// False once the kernel said EOPNOTSUPP to a NOWAIT write (buffered ext4 does).
+    public var triesInlineWrites: Bool { inlineWritesSupported }
+
+    /// The loop must outlive this FileIO and all of its queued work.
+    public init(loop: EventLoop) {
+        self.loop = loop
+        freeRequests.reserveCapacity(64)
+    }
+
+    deinit {
+        // inFlight == 0 here: in-flight work keeps self alive.
+        for request in freeRequests {
+            request.pointee.uv.deallocate()
+            request.deinitialize(count: 1)
+            request.deallocate()
+        }
+    }
+
+    /// Tries preadv2(RWF_NOWAIT) inline (page-cache hit, no blocking); if it returns EAGAIN or a short
+    /// count, the remainder goes to the thread pool (a full pread loop) and `.queued` is returned.
+    /// Bytes past end of file read as zeros. Inline is tried only for lengths <= inlineReadLimit.
+    /// The buffer must stay valid until the result arrives.
+    public func read(fd: Int32, into buffer: UnsafeMutableRawBufferPointer, offset: UInt64, context: UInt64,
+                     completion: FileIOCompletion) -> FileIOOutcome {
+        let length = buffer.count
+        guard length > 0 else { return .done(0) }
+        var done = 0
+        if inlineReadsSupported && length <= inlineReadLimit {
+            var iov = iovec(iov_base: buffer.baseAddress, iov_len: length)
+            while true {
+                let n = clibuv_preadv2(fd, &iov, 1, off_t(offset), clibuv_rwf_nowait)
+                if n == length {
+                    counters.inlineReads += 1
+                    return .done(length)
+                }
+                if n == 0 {
+                    // NOWAIT says "would block" with EAGAIN, so 0 is a real end of file.
+                    buffer.initializeMemory(as: UInt8.self, repeating: 0)
+                    counters.inlineReads += 1
+                    return .done(length)
+                }
+                if n > 0 { done = n; break }
+                let error = errno
+                if error == EINTR { continue }
+                if error == EOPNOTSUPP { inlineReadsSupported = false }
+                // EAGAIN, EOPNOTSUPP, or a real error the pool will meet and report again.
+                break
+            }
+        }
+        counters.pooledReads += 1
+        submit(.read, fd: fd, buffer: buffer.baseAddress! + done, length: length - done, offset: offset + UInt64(done),
+               alreadyDone: done, context: context, completion: completion)
+        return .queued
+    }
+
+    /// Tries pwritev2(RWF_NOWAIT) inline; on EAGAIN/EOPNOTSUPP/short, the rest goes to the pool.
+    /// If the kernel answers EOPNOTSUPP once, inline writes are not tried again on this FileIO.
+    /// `dsync: true` = RWF_DSYNC / fdatasync semantics (FUA) and always goes to the pool.
+    /// The buffer must stay valid until the result arrives.
+    public func write(fd: Int32, from buffer: UnsafeRawBufferPointer, offset: UInt64, dsync: Bool, context: UInt64,
+                      completion: FileIOCompletion) -> FileIOOutcome {
+        let length = buffer.count
+        guard length > 0 else { return .done(0) }
+        let base = UnsafeMutableRawPointer(mutating: buffer.baseAddress!)
+        var done = 0
+        if !dsync && inlineWritesSupported && length <= inlineWriteLimit {
+            var iov = iovec(iov_base: base, iov_len: length)
+            while true {
+                let n = clibuv_pwritev2(fd, &iov, 1, off_t(offset), clibuv_rwf_nowait)
+                if n == length {
+                    counters.inlineWrites += 1
+                    return .done(length)
+                }
+                if n > 0 { done = n; break }
+                if n == 0 { break }
+                let error = errno
+                if error == EINTR { continue }
+                if error == EOPNOTSUPP { inlineWritesSupported = false }
+                break
+            }
+        }
+        counters.pooledWrites += 1
+        submit(dsync ? .writeDSync : .write, fd: fd, buffer: base + done, length: length - done,
+               offset: offset + UInt64(done), alreadyDone: done, context: context, completion: completion)
+        return .queued
+    }
+
+    /// fdatasync(2) on the pool; result 0 or -errno.
+    public func fdatasync(fd: Int32, context: UInt64, completion: FileIOCompletion) {
+        submit(.fdatasync, fd: fd, context: context, completion: completion)
+    }
+
+    /// fallocate(2) on the pool; `mode` is the raw FALLOC_FL_* bits (see FallocateMode). Result 0 or -errno.
+    public func fallocate(fd: Int32, mode: Int32, offset: UInt64, length: UInt64, context: UInt64,
+                          completion: FileIOCompletion) {
+        submit(.fallocate, fd: fd, mode: mode, length: Int(length), offset: offset, context: context, completion: completion)
+    }
+
+    /// Runs arbitrary blocking work on the pool (e.g. lseek SEEK_DATA loops, ioctl BLKDISCARD);
+    /// its return value is the result. The job must not touch loop-confined state.
+    public func run(context: UInt64, completion: FileIOCompletion, work: @escaping @Sendable () -> Int) {
+        submit(.run, context: context, completion: completion, job: work)
+    }
+
+    private func submit(_ operation: FileWorkRequest.Operation, fd: Int32 = -1, mode: Int32 = 0,
+                        buffer: UnsafeMutableRawPointer? = nil, length: Int = 0, offset: UInt64 = 0,
+                        alreadyDone: Int = 0, context: UInt64, completion: FileIOCompletion,
+                        job: (@Sendable () -> Int)? = nil) {
+        precondition(offset <= UInt64(Int64.max), "file offset \(offset) out of range")
+        let request = freeRequests.popLast() ?? makeRequest()
+        request.pointee.operation = operation
+        request.pointee.fd = fd
+        request.pointee.mode = mode
+        request.pointee.buffer = buffer
+        request.pointee.length = length
+        request.pointee.offset = offset
+        request.pointee.alreadyDone = alreadyDone
+        request.pointee.result = 0
+        request.pointee.context = context
+        request.pointee.completion = completion
+        request.pointee.job = job
+        if inFlight == 0 { _ = Unmanaged.passRetained(self) }
+        inFlight += 1
+        // uv_queue_work fails only for a nil work callback.
+        precondition(uv_queue_work(loop.raw, request.pointee.uv, onWork, onAfterWork) == 0)
+    }
+
+    private func makeRequest() -> UnsafeMutablePointer<FileWorkRequest> {
+        let work = UnsafeMutablePointer<uv_work_t>.allocate(capacity: 1)
+        let request = UnsafeMutablePointer<FileWorkRequest>.allocate(capacity: 1)
+        request.initialize(to: FileWorkRequest(uv: work, owner: .passUnretained(self)))
+        work.pointee.data = UnsafeMutableRawPointer(request)
+        return request
+    }
+
+    /// Returns true when the last in-flight request finished: the caller drops the self-reference.
+    fileprivate func didFinish(_ request: UnsafeMutablePointer<FileWorkRequest>, status: Int32) -> Bool {
+        let context = request.pointee.context
+        let completion = request.pointee.completion!
+        var result = status < 0 ? Int(status) : request.pointee.result
+        if result >= 0 { result += request.pointee.alreadyDone }
+        request.pointee.completion = nil
+        request.pointee.job = nil
+        request.pointee.buffer = nil
+        freeRequests.append(request)
+        completion.fileIOCompleted(context: context, result: result)
+        inFlight -= 1
+        return inFlight == 0
+    }
+}

@@ -1,0 +1,103 @@
+// Mailbox: hands messages from any thread to the loop thread.
+//
+// post() appends under a Mutex and wakes the loop with uv_async_send; the async
+// callback swaps the whole queue out and calls the handler once per wake-up with
+// every message in posting order (libuv coalesces wake-ups, so one call may
+// carry many messages). The swap reuses two arrays, so steady traffic does not
+// allocate once their capacity has grown.
+//
+// Why @unchecked Sendable: the queue and the closed flag are only touched under
+// the Mutex; the handle, the handler and the spare array are only touched on the
+// loop thread (init, the async callback, close). uv_async_send is called while
+// holding the lock, and close() sets the flag under the same lock before
+// uv_close, so no thread can send to a handle that is closing or freed.
+//
+// Ownership: a small non-generic AsyncHandle owns the uv_async_t (C callbacks
+// cannot be generic) and holds one strong reference to itself via
+// `handle.data` until its close callback; its `deliver` closure holds the
+// Mailbox. Both are released when the close callback drops `deliver`.
+
+import CLibUV
+import Synchronization
+
+private let onAsync: uv_async_cb = { handle in
+    Unmanaged<AsyncHandle>.fromOpaque(handle!.pointee.data)._withUnsafeGuaranteedRef { $0.deliver?() }
+}
+
+private let onClose: uv_close_cb = { handle in
+    let owner = Unmanaged<AsyncHandle>.fromOpaque(handle!.pointee.data).takeRetainedValue()
+    owner.deliver = nil
+}
+
+/// The uv_async_t behind a Mailbox. Loop-confined except for `send`.
+final class AsyncHandle {
+    let handle: UnsafeMutablePointer<uv_async_t>
+    var deliver: (() -> Void)?
+
+    init(loop: EventLoop) throws(UVError) {
+        handle = .allocate(capacity: 1)
+        let rc = uv_async_init(loop.raw, handle, onAsync)
+        if rc < 0 { throw UVError(code: rc) }   // not initialized: deinit just frees
+        handle.pointee.data = Unmanaged.passRetained(self).toOpaque()
+    }
+
+    deinit {
+        handle.deallocate()
+    }
+
+    var rawHandle: UnsafeMutablePointer<uv_handle_t> {
+        UnsafeMutableRawPointer(handle).assumingMemoryBound(to: uv_handle_t.self)
+    }
+
+    func close() {
+        guard uv_is_closing(rawHandle) == 0 else { return }
+        uv_close(rawHandle, onClose)
+    }
+}
+
+/// Messages in, from any thread; batches out, on the loop thread.
+public final class Mailbox<Message: Sendable>: @unchecked Sendable {
+    private struct Queue {
+        var messages: [Message] = []
+        var closed = false
+    }
+
+    private let queue = Mutex(Queue())
+    private let async: AsyncHandle
+    private let handler: ([Message]) -> Void
+    private var spare: [Message] = []
+
+    /// `handler` runs on the loop thread with the messages in posting order.
+    public init(loop: EventLoop, _ handler: @escaping ([Message]) -> Void) throws(UVError) {
+        self.handler = handler
+        async = try AsyncHandle(loop: loop)
+        async.deliver = { [self] in self.drain() }
+    }
+
+    /// Queues a message and wakes the loop. Any thread. Messages posted after close() are dropped.
+    public func post(_ message: Message) {
+        let handle = async.handle
+        queue.withLock { queue in
+            guard !queue.closed else { return }
+            queue.messages.append(message)
+            _ = uv_async_send(handle)
+        }
+    }
+
+    /// Stops delivery and closes the handle; messages not yet delivered are dropped. Loop thread.
+    public func close() {
+        queue.withLock { $0.closed = true }
+        async.close()
+    }
+
+    private func drain() {
+        // Move (not copy) the spare out, so the queue gets storage nobody else shares.
+        var batch: [Message] = []
+        swap(&batch, &spare)
+        queue.withLock { swap(&$0.messages, &batch) }
+        guard !batch.isEmpty else { spare = batch; return }
+        handler(batch)
+        batch.removeAll(keepingCapacity: true)
+        spare = batch
+    }
+}

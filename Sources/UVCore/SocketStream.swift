@@ -1,0 +1,316 @@
+// SocketStream: one connected TCP or unix-socket stream.
+//
+// Ownership. The handle memory (a uv_tcp_t or uv_pipe_t) belongs to this object
+// and is freed in deinit. From init until the close callback, `handle.data`
+// holds one strong reference to the stream, so the stream outlives every libuv
+// callback that can name it. The stream holds its delegate strongly until
+// `streamDidClose` has been delivered and then drops it: the cycle
+// connection -> stream -> connection is broken by closing, never by luck.
+// (A strong reference costs a retain per callback but makes a forgotten owner
+// a leak rather than a use-after-free; close() is mandatory anyway.)
+//
+// Writes. `write` tries uv_try_write first, so the common small reply is a
+// single writev with no request at all. Only an unwritten tail is queued with
+// uv_write, using uv_write_t requests from this stream's free list. libuv copies
+// the uv_buf_t array into the request, but its inline copy holds only four
+// buffers and it mallocs for more, so a longer tail is split into chunks of
+// four, each its own request; only the last one reports to the delegate (or the
+// first failing one does, and the last then stays quiet). libuv runs queued
+// requests in order and refuses uv_try_write while any are queued, so byte
+// order across calls is preserved. All write and shutdown callbacks (with
+// ECANCELED if need be) run before the close callback.
+
+import CLibUV
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Receives everything a `SocketStream` reports. All calls arrive on the loop thread.
+public protocol SocketStreamDelegate: AnyObject {
+    /// libuv asks where to put the next bytes. Return a non-empty buffer; it must stay valid until didRead.
+    func streamWantsReadBuffer(_ stream: SocketStream) -> UnsafeMutableRawBufferPointer
+    /// `count` bytes (> 0) landed at the start of the buffer last handed out.
+    func stream(_ stream: SocketStream, didRead count: Int)
+    /// The peer closed (error == .eof) or the read failed. The stream stops reading; the owner decides to close.
+    func stream(_ stream: SocketStream, didFailReadingWith error: UVError)
+    /// A write that `write` reported as `.pending` finished (error nil) or failed; `context` is what was passed.
+    func stream(_ stream: SocketStream, didFinishWrite context: UInt64, error: UVError?)
+    /// The handle is closed; no more callbacks after this one.
+    func streamDidClose(_ stream: SocketStream)
+}
+
+/// What became of a `SocketStream.write` call.
+public enum WriteOutcome {
+    /// Every byte was handed to the kernel; no delegate call follows.
+    case completed
+    /// Some bytes are queued; `didFinishWrite` will report the end. Keep the bytes alive until then.
+    case pending
+    /// Nothing more will be written for this call; no delegate call follows.
+    case failed(UVError)
+}
+
+/// One queued uv_write_t plus the bookkeeping that maps it back to a `write` call.
+struct WriteRequest {
+    var uv = uv_write_t()
+    /// The caller's context; meaningful on the last request of a call.
+    var context: UInt64 = 0
+    /// For every request but the last of a call: that last request.
+    var last: UnsafeMutablePointer<WriteRequest>? = nil
+    /// On the last request: the error an earlier chunk already reported, or 0.
+    var reportedError: Int32 = 0
+}
+
+/// libuv's inline uv_buf_t copy in uv_write_t (`bufsml[4]`); more buffers would make it malloc.
+private let buffersPerRequest = 4
+
+private let onAlloc: uv_alloc_cb = { handle, _, buf in
+    SocketStream.borrow(handle!) { stream in
+        let bytes = stream.delegate?.streamWantsReadBuffer(stream) ?? UnsafeMutableRawBufferPointer(start: nil, count: 0)
+        buf!.pointee = uv_buf_t(base: bytes.baseAddress?.assumingMemoryBound(to: CChar.self), len: bytes.count)
+    }
+}
+
+private let onRead: uv_read_cb = { handle, nread, _ in
+    SocketStream.borrow(handle!) { $0.didRead(nread) }
+}
+
+private let onWrite: uv_write_cb = { req, status in
+    let request = req!.pointee.data.assumingMemoryBound(to: WriteRequest.self)
+    SocketStream.borrow(req!.pointee.handle!) { $0.didWrite(request, status: status) }
+}
+
+private let onShutdown: uv_shutdown_cb = { req, _ in
+    // Whether the shutdown worked or not, the stream is done.
+    SocketStream.borrow(req!.pointee.handle!) { $0.close() }
+}
+
+private let onClose: uv_close_cb = { handle in
+    let stream = Unmanaged<SocketStream>.fromOpaque(handle!.pointee.data).takeRetainedValue()
+    stream.didClose()
+}
+
+/// A connected TCP or unix-socket stream, confined to its loop's thread.
+public final class SocketStream {
+    enum Kind { case tcp, pipe }
+
+    /// Receives reads, write completions and the close. Held strongly until `streamDidClose`.
+    public var delegate: (any SocketStreamDelegate)?
+    /// "127.0.0.1:5555", "[::1]:5555" or "unix".
+    public let peerDescription: String
+
+    let kind: Kind
+    private let memory: UnsafeMutableRawPointer
+    private var freeWriteRequests: [UnsafeMutablePointer<WriteRequest>] = []
+    private var shutdownRequest: UnsafeMutablePointer<uv_shutdown_t>?
+
+    /// Accepts one pending connection from `server`. On failure the fresh handle is
+    /// closed and freed by libuv's close callback; no SocketStream exists.
+    init(acceptingFrom server: UnsafeMutablePointer<uv_stream_t>, kind: Kind) throws(UVError) {
+        let loop = server.pointee.loop
+        let memory: UnsafeMutableRawPointer
+        switch kind {
+        case .tcp:
+            memory = allocateHandle(uv_tcp_t.self)
+            precondition(uv_tcp_init(loop, memory.asTCP) == 0)
+        case .pipe:
+            memory = allocateHandle(uv_pipe_t.self)
+            precondition(uv_pipe_init(loop, memory.asPipe, 0) == 0)
+        }
+        let rc = uv_accept(server, memory.asStream)
+        if rc < 0 {
+            closeAndFree(memory)
+            throw UVError(code: rc)
+        }
+        switch kind {
+        case .tcp:
+            var storage = sockaddr_storage()
+            var length = Int32(MemoryLayout<sockaddr_storage>.size)
+            let ok = withUnsafeMutablePointer(to: &storage) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { uv_tcp_getpeername(memory.asTCP, $0, &length) }
+            } == 0
+            peerDescription = ok ? describeSocketAddress(&storage) : "unknown"
+        case .pipe:
+            peerDescription = "unix"
+        }
+        self.kind = kind
+        self.memory = memory
+        freeWriteRequests.reserveCapacity(8)
+        memory.asHandle.pointee.data = Unmanaged.passRetained(self).toOpaque()
+    }
+
+    deinit {
+        for request in freeWriteRequests {
+            request.deinitialize(count: 1)
+            request.deallocate()
+        }
+        shutdownRequest?.deallocate()
+        memory.deallocate()
+    }
+
+    @inline(__always)
+    static func borrow<H, R>(_ handle: UnsafeMutablePointer<H>, _ body: (SocketStream) -> R) -> R {
+        let data = UnsafeMutableRawPointer(handle).assumingMemoryBound(to: uv_handle_t.self).pointee.data!
+        return Unmanaged<SocketStream>.fromOpaque(data)._withUnsafeGuaranteedRef(body)
+    }
+
+    private var handle: UnsafeMutablePointer<uv_handle_t> { memory.asHandle }
+    private var stream: UnsafeMutablePointer<uv_stream_t> { memory.asStream }
+
+    // MARK: Reading
+
+    /// Starts delivering reads. Does nothing if already reading or closing.
+    public func startReading() {
+        guard uv_is_closing(handle) == 0 else { return }
+        _ = uv_read_start(stream, onAlloc, onRead)
+    }
+
+    /// Stops delivering reads (back-pressure). Safe to call at any time.
+    public func stopReading() {
+        guard uv_is_closing(handle) == 0 else { return }
+        _ = uv_read_stop(stream)
+    }
+
+    fileprivate func didRead(_ nread: Int) {
+        if nread > 0 {
+            delegate?.stream(self, didRead: nread)
+        } else if nread < 0 {
+            uv_read_stop(stream)
+            delegate?.stream(self, didFailReadingWith: UVError(code: Int32(truncatingIfNeeded: nread)))
+        }
+        // nread == 0 is EAGAIN: the buffer was not used and nothing happened.
+    }
+
+    // MARK: Writing
+
+    /// Writes the buffers in order. First tries uv_try_write; if everything went out, returns .completed
+    /// synchronously (no delegate call). Otherwise the rest is queued with uv_write using a pooled
+    /// uv_write_t and `.pending` is returned; the delegate's didFinishWrite(context) fires later.
+    /// The caller keeps the bytes alive until completed/didFinishWrite. Order across calls is preserved.
+    /// Up to 16 buffers per call without heap allocation (more work, through a heap scratch array).
+    public func write(_ buffers: UnsafeBufferPointer<UnsafeRawBufferPointer>, context: UInt64) -> WriteOutcome {
+        guard uv_is_closing(handle) == 0 else { return .failed(.canceled) }
+        return withUnsafeTemporaryAllocation(of: uv_buf_t.self, capacity: max(buffers.count, 1)) { bufs in
+            var count = 0
+            var total = 0
+            for buffer in buffers where buffer.count > 0 {
+                bufs[count] = uv_buf_t(base: UnsafeMutablePointer(mutating: buffer.baseAddress!.assumingMemoryBound(to: CChar.self)),
+                                       len: buffer.count)
+                count += 1
+                total += buffer.count
+            }
+            if total == 0 { return .completed }
+
+            let written = uv_try_write(stream, bufs.baseAddress, UInt32(count))
+            if written < 0 && written != UV_EAGAIN.rawValue {
+                return .failed(UVError(code: written))
+            }
+            var skip = Int(max(written, 0))
+            if skip == total { return .completed }
+
+            // Drop what the kernel took: whole buffers, then the head of a partial one.
+            var first = 0
+            while skip >= bufs[first].len {
+                skip -= bufs[first].len
+                first += 1
+            }
+            bufs[first].base += skip
+            bufs[first].len -= skip
+            return queue(UnsafeMutableBufferPointer(rebasing: bufs[first..<count]), context: context)
+        }
+    }
+
+    private func queue(_ bufs: UnsafeMutableBufferPointer<uv_buf_t>, context: UInt64) -> WriteOutcome {
+        let chunks = (bufs.count + buffersPerRequest - 1) / buffersPerRequest
+        let last = takeWriteRequest()
+        last.pointee.context = context
+        for chunk in 0..<chunks {
+            let start = chunk * buffersPerRequest
+            let end = min(start + buffersPerRequest, bufs.count)
+            let request = chunk == chunks - 1 ? last : takeWriteRequest()
+            if request != last { request.pointee.last = last }
+            let rc = uv_write(&request.pointee.uv, stream, bufs.baseAddress! + start, UInt32(end - start), onWrite)
+            if rc < 0 {
+                // Chunks of one call go to the same stream back to back: what fails, fails first.
+                precondition(chunk == 0, "uv_write failed after an earlier chunk was queued: \(UVError(code: rc))")
+                if request != last { recycle(request) }
+                recycle(last)
+                return .failed(UVError(code: rc))
+            }
+        }
+        return .pending
+    }
+
+    private func takeWriteRequest() -> UnsafeMutablePointer<WriteRequest> {
+        if let request = freeWriteRequests.popLast() { return request }
+        let request = UnsafeMutablePointer<WriteRequest>.allocate(capacity: 1)
+        request.initialize(to: WriteRequest())
+        request.pointee.uv.data = UnsafeMutableRawPointer(request)
+        return request
+    }
+
+    private func recycle(_ request: UnsafeMutablePointer<WriteRequest>) {
+        request.pointee.context = 0
+        request.pointee.last = nil
+        request.pointee.reportedError = 0
+        freeWriteRequests.append(request)
+    }
+
+    fileprivate func didWrite(_ request: UnsafeMutablePointer<WriteRequest>, status: Int32) {
+        if let last = request.pointee.last {
+            recycle(request)
+            // `last` is still queued behind us, so it is alive; it stays quiet once we report.
+            if status < 0 && last.pointee.reportedError == 0 {
+                last.pointee.reportedError = status
+                delegate?.stream(self, didFinishWrite: last.pointee.context, error: UVError(code: status))
+            }
+        } else {
+            let context = request.pointee.context
+            let alreadyReported = request.pointee.reportedError != 0
+            recycle(request)
+            if !alreadyReported {
+                delegate?.stream(self, didFinishWrite: context, error: status < 0 ? UVError(code: status) : nil)
+            }
+        }
+    }
+
+    /// Bytes queued in libuv and not yet written (uv_stream_get_write_queue_size).
+    public var pendingWriteBytes: Int {
+        Int(uv_stream_get_write_queue_size(stream))
+    }
+
+    // MARK: Options and closing
+
+    /// Sets TCP_NODELAY. Does nothing for unix sockets.
+    public func setNoDelay(_ on: Bool) {
+        guard kind == .tcp, uv_is_closing(handle) == 0 else { return }
+        _ = uv_tcp_nodelay(memory.asTCP, on ? 1 : 0)
+    }
+
+    /// Lets queued writes drain, shuts down the sending side, then closes.
+    public func shutdownAndClose() {
+        guard uv_is_closing(handle) == 0, shutdownRequest == nil else { return }
+        let request = UnsafeMutablePointer<uv_shutdown_t>.allocate(capacity: 1)
+        shutdownRequest = request
+        if uv_shutdown(request, stream, onShutdown) < 0 {
+            close()
+        }
+    }
+
+    /// Closes the stream: queued writes fail with `.canceled`, then `streamDidClose` fires once.
+    /// Idempotent.
+    public func close() {
+        guard uv_is_closing(handle) == 0 else { return }
+        uv_close(handle, onClose)
+    }
+
+    /// True from the first close() until forever.
+    public var isClosing: Bool {
+        uv_is_closing(handle) != 0
+    }
+
+    fileprivate func didClose() {
+        let delegate = self.delegate
+        self.delegate = nil
+        delegate?.streamDidClose(self)
+    }
+}

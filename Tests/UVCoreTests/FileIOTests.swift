@@ -1,0 +1,229 @@
+// FileIO tests on a temporary file in /tmp (ext4 here): inline and pooled
+// reads, zero-fill past end of file, writes, FUA writes, fdatasync, punching a
+// hole, arbitrary pool jobs, and an error coming back through the pool.
+
+import Glibc
+import Testing
+@testable import UVCore
+
+/// Records every completion, in order.
+final class CompletionLog: FileIOCompletion {
+    var results: [UInt64: Int] = [:]
+    var order: [UInt64] = []
+    func fileIOCompleted(context: UInt64, result: Int) {
+        results[context] = result
+        order.append(context)
+    }
+}
+
+/// A temporary file filled with a known pattern, flushed to disk.
+private struct TempFile {
+    let fd: Int32
+    let contents: [UInt8]
+    init(size: Int) {
+        let path = temporaryPath("fileio")
+        fd = open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        precondition(fd >= 0)
+        unlink(path)
+        contents = pattern(size, seed: 7)
+        let written = contents.withUnsafeBytes { pwrite(fd, $0.baseAddress, size, 0) }
+        precondition(written == size)
+    }
+    func dropFromPageCache() {
+        fdatasync(fd)
+        posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
+    }
+    func read(offset: Int, count: Int) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0xEE, count: count)
+        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, count, off_t(offset)) }
+        return Array(bytes[0..<max(n, 0)])
+    }
+}
+
+private func isDone(_ outcome: FileIOOutcome, _ value: Int) -> Bool {
+    if case .done(let n) = outcome { return n == value }
+    return false
+}
+
+private func isQueued(_ outcome: FileIOOutcome) -> Bool {
+    if case .queued = outcome { return true }
+    return false
+}
+
+@Suite struct FileIOTests {
+    @Test func inlineReadOfCachedData() throws {
+        let loop = try EventLoop()
+        let file = TempFile(size: 1 << 20)
+        defer { close(file.fd) }
+        let io = FileIO(loop: loop)
+        let log = CompletionLog()
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 4096)
+        defer { buffer.deallocate() }
+
+        let outcome = io.read(fd: file.fd, into: buffer, offset: 4096, context: 1, completion: log)
+        #expect(isDone(outcome, 65536))
+        #expect(Array(buffer) == Array(file.contents[4096..<(4096 + 65536)]))
+
+        // Entirely past end of file: zeros, still inline (preadv2 returns 0).
+        buffer.initializeMemory(as: UInt8.self, repeating: 0xAA)
+        #expect(isDone(io.read(fd: file.fd, into: buffer, offset: 8 << 20, context: 2, completion: log), 65536))
+        #expect(buffer.allSatisfy { $0 == 0 })
+
+        runLoop(loop)
+        #expect(log.order.isEmpty)
+        #expect(io.statistics.inlineReads == 2)
+        #expect(io.statistics.pooledReads == 0)
+        try loop.close()
+    }
+
+    @Test func pooledReadsZeroFillPastEndOfFile() throws {
+        let loop = try EventLoop()
+        let size = 100_000
+        let file = TempFile(size: size)
+        defer { close(file.fd) }
+        let io = FileIO(loop: loop)
+        io.inlineReadLimit = 0
+        let log = CompletionLog()
+        let whole = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
+        let straddle = UnsafeMutableRawBufferPointer.allocate(byteCount: 8192, alignment: 4096)
+        let beyond = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { whole.deallocate(); straddle.deallocate(); beyond.deallocate() }
+        straddle.initializeMemory(as: UInt8.self, repeating: 0xAA)
+        beyond.initializeMemory(as: UInt8.self, repeating: 0xAA)
+
+        #expect(isQueued(io.read(fd: file.fd, into: whole, offset: 0, context: 1, completion: log)))
+        #expect(isQueued(io.read(fd: file.fd, into: straddle, offset: UInt64(size - 100), context: 2, completion: log)))
+        #expect(isQueued(io.read(fd: file.fd, into: beyond, offset: 1 << 30, context: 3, completion: log)))
+        runLoop(loop)
+
+        #expect(log.results == [1: size, 2: 8192, 3: 4096])
+        #expect(Array(whole) == file.contents)
+        #expect(Array(straddle[0..<100]) == Array(file.contents[(size - 100)...]))
+        #expect(straddle[100...].allSatisfy { $0 == 0 })
+        #expect(beyond.allSatisfy { $0 == 0 })
+        #expect(io.statistics.pooledReads == 3)
+        #expect(io.statistics.inlineReads == 0)
+        try loop.close()
+    }
+
+    @Test func uncachedReadGoesToThePool() throws {
+        let loop = try EventLoop()
+        let size = 1 << 20
+        let file = TempFile(size: size)
+        defer { close(file.fd) }
+        file.dropFromPageCache()
+        let io = FileIO(loop: loop)
+        let log = CompletionLog()
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
+        defer { buffer.deallocate() }
+
+        // Not in the page cache: preadv2(RWF_NOWAIT) says EAGAIN, so the pool reads it.
+        #expect(isQueued(io.read(fd: file.fd, into: buffer, offset: 0, context: 9, completion: log)))
+        runLoop(loop)
+        #expect(log.results == [9: size])
+        #expect(Array(buffer) == file.contents)
+        #expect(io.statistics.pooledReads == 1)
+
+        // Now it is cached: the same read is served inline.
+        #expect(isDone(io.read(fd: file.fd, into: buffer, offset: 0, context: 10, completion: log), size))
+        #expect(io.statistics.inlineReads == 1)
+        runLoop(loop)
+        try loop.close()
+    }
+
+    @Test func writesFlushPunchAndRun() throws {
+        let loop = try EventLoop()
+        let size = 1 << 20
+        let file = TempFile(size: size)
+        defer { close(file.fd) }
+        let io = FileIO(loop: loop)
+        let log = CompletionLog()
+        let data = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 4096)
+        defer { data.deallocate() }
+        data.copyBytes(from: pattern(65536, seed: 99))
+
+        // Buffered NOWAIT writes: ext4 answers EOPNOTSUPP, so this goes to the pool and
+        // FileIO stops trying inline; a filesystem that accepts them finishes inline.
+        let plain = io.write(fd: file.fd, from: UnsafeRawBufferPointer(data), offset: 0, dsync: false, context: 1, completion: log)
+        let second = io.write(fd: file.fd, from: UnsafeRawBufferPointer(data), offset: UInt64(size), dsync: false, context: 2, completion: log)
+        let fua = io.write(fd: file.fd, from: UnsafeRawBufferPointer(data), offset: 131072, dsync: true, context: 3, completion: log)
+        #expect(isQueued(fua))
+        io.fdatasync(fd: file.fd, context: 4, completion: log)
+        let loopThread = pthread_self()
+        io.run(context: 5, completion: log) {
+            pthread_equal(pthread_self(), loopThread) == 0 ? 1234 : -1
+        }
+        runLoop(loop)
+
+        var expectedResults: [UInt64: Int] = [3: 65536, 4: 0, 5: 1234]
+        if isQueued(plain) { expectedResults[1] = 65536 } else { #expect(isDone(plain, 65536)) }
+        if isQueued(second) { expectedResults[2] = 65536 } else { #expect(isDone(second, 65536)) }
+        #expect(log.results == expectedResults)
+        if isQueued(plain) {
+            #expect(!io.triesInlineWrites)
+            #expect(isQueued(second))
+        }
+        #expect(io.statistics.inlineWrites + io.statistics.pooledWrites == 3)
+        #expect(file.read(offset: 0, count: 65536) == Array(data))
+        #expect(file.read(offset: size, count: 65536) == Array(data))
+        #expect(file.read(offset: 131072, count: 65536) == Array(data))
+
+        // Punch a 256 KiB hole: it reads as zeros and the file keeps its size.
+        var before = stat()
+        fstat(file.fd, &before)
+        io.fallocate(fd: file.fd, mode: FallocateMode.punchHole | FallocateMode.keepSize,
+                     offset: 262144, length: 262144, context: 6, completion: log)
+        runLoop(loop)
+        #expect(log.results[6] == 0)
+        var after = stat()
+        fstat(file.fd, &after)
+        #expect(after.st_size == before.st_size)
+        #expect(after.st_blocks < before.st_blocks)
+        #expect(file.read(offset: 262144, count: 262144).allSatisfy { $0 == 0 })
+        #expect(lseek(file.fd, 262144, SeekWhence.data) == 524288)
+        #expect(lseek(file.fd, 0, SeekWhence.hole) == 262144)
+        try loop.close()
+    }
+
+    @Test func errorsComeBackAsNegativeErrno() throws {
+        let loop = try EventLoop()
+        let io = FileIO(loop: loop)
+        let log = CompletionLog()
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { buffer.deallocate() }
+        #expect(isQueued(io.read(fd: -1, into: buffer, offset: 0, context: 1, completion: log)))
+        #expect(isQueued(io.write(fd: -1, from: UnsafeRawBufferPointer(buffer), offset: 0, dsync: false, context: 2, completion: log)))
+        io.fdatasync(fd: -1, context: 3, completion: log)
+        io.fallocate(fd: -1, mode: 0, offset: 0, length: 4096, context: 4, completion: log)
+        runLoop(loop)
+        let ebadf = -Int(EBADF)
+        #expect(log.results == [1: ebadf, 2: ebadf, 3: ebadf, 4: ebadf])
+        try loop.close()
+    }
+
+    @Test func completionMayQueueAgainAndFileIOMayBeDroppedWhileBusy() throws {
+        let loop = try EventLoop()
+        final class Counter { var steps = 0 }
+        final class Chain: FileIOCompletion {
+            let io: FileIO
+            let counter: Counter
+            init(io: FileIO, counter: Counter) { self.io = io; self.counter = counter }
+            func fileIOCompleted(context: UInt64, result: Int) {
+                counter.steps += 1
+                if context < 100 { io.run(context: context + 1, completion: self) { 0 } }
+            }
+        }
+        let counter = Counter()
+        var chain: Chain? = Chain(io: FileIO(loop: loop), counter: counter)
+        chain!.io.run(context: 1, completion: chain!) { 0 }
+        weak let weakChain = chain
+        weak let weakIO = chain!.io
+        chain = nil   // from here on, only the in-flight request keeps the chain and its FileIO alive
+        #expect(weakChain != nil)
+        runLoop(loop)
+        #expect(counter.steps == 100)
+        #expect(weakChain == nil)
+        #expect(weakIO == nil)
+        try loop.close()
+    }
+}
