@@ -1,0 +1,618 @@
+// One client connection: the glue between a socket, the pure protocol machines and the shared driver.
+//
+// Receive path. libuv asks `streamWantsReadBuffer` before every read, and the answer depends on what
+// the protocol expects next: request headers (and handshake messages) land in a staging buffer, while
+// the payload of a WRITE lands directly in the pooled buffer the driver will write from, so large writes
+// are copied once, by the kernel. Parsing runs as long as whole headers are staged, so pipelined
+// requests are dispatched in one loop turn.
+//
+// Requests live in a slab; a slot's index is the tag the driver returns, and replies go out in
+// completion order. A slot stays busy until its reply has left the socket, which gives back-pressure
+// for free: when too many requests or bytes are in flight (including replies a slow reader has not
+// drained), reading stops until the backlog falls below half the bound.
+//
+// Ending. DISC, shutdown or a peer close stop reading; the connection closes once nothing is in flight,
+// and its memory is released only after the driver has completed everything it was given, because the
+// driver may still be writing into our buffers.
+
+import BlockDevice
+import NBDProtocol
+import UVCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+final class Connection {
+    enum Phase {
+        /// Negotiating options; the handshake machine is in `handshake`.
+        case handshaking
+        /// Serving requests.
+        case transmitting
+        /// The socket is closing or closed; in-flight driver work is being waited out.
+        case closed
+    }
+
+    /// Where the next bytes from the socket go.
+    private enum ReceiveTarget {
+        case staging
+        /// Straight into the payload buffer of the WRITE in this slot.
+        case payload(slot: Int)
+        /// Bytes of a rejected request's payload still to drop before its error reply.
+        case discard(remaining: Int, slot: Int)
+    }
+
+    let id: Int
+    let stream: SocketStream
+    private unowned let server: Server
+    private let export: Export
+    private let pool: BufferPool
+    private let log: Logger
+    private let limits: ConnectionLimits
+
+    private(set) var phase: Phase = .handshaking
+    private var handshake: Handshake?
+    private var handshakeTimer: LoopTimer?
+    private var validator: RequestValidator?
+    private var encoder = ReplyEncoder(style: .simple)
+    private var headerSize = 28
+    private var session: NegotiatedSession?
+
+    private let staging: UnsafeMutableRawBufferPointer
+    private var stagingStart = 0
+    private var stagingEnd = 0
+    private var target: ReceiveTarget = .staging
+
+    private var slab = RequestSlab()
+    private var inFlightBytes = 0
+    private var readingPaused = false
+    private var reading = false
+    private var disconnectRequested = false
+    private var streamClosed = false
+    /// Handshake replies waiting for their socket write, keyed by write context.
+    private var handshakeWrites: [UInt64: UnsafeMutableRawBufferPointer] = [:]
+    private var nextHandshakeWrite: UInt64 = 0
+    private static let handshakeContextBit: UInt64 = 1 << 63
+    private var closeAfterWrites = false
+
+    init(id: Int, stream: SocketStream, server: Server, export: Export, pool: BufferPool, log: Logger,
+         limits: ConnectionLimits, loop: EventLoop) {
+        self.id = id
+        self.stream = stream
+        self.server = server
+        self.export = export
+        self.pool = pool
+        self.log = log
+        self.limits = limits
+        self.staging = .allocate(byteCount: Self.stagingSize, alignment: 16)
+        self.handshake = Handshake(exports: [export.descriptor])
+        let timer = LoopTimer(loop: loop)
+        self.handshakeTimer = timer
+        stream.delegate = self
+        timer.start(afterMilliseconds: limits.handshakeTimeoutMilliseconds) { [unowned self] in
+            guard self.phase == .handshaking else { return }
+            self.log.info("connection \(self.id) from \(self.stream.peerDescription): handshake timed out")
+            self.close()
+        }
+    }
+
+    deinit {
+        staging.deallocate()
+        slab.deallocateAll()
+        for (_, b) in handshakeWrites { b.deallocate() }
+    }
+
+    /// Staging holds the largest handshake message (an option payload) plus a header.
+    private static let stagingSize = (64 << 10) + 4096
+
+    func start() {
+        sendHandshakeBytes(Handshake.greeting)
+        startReading()
+    }
+
+    /// Server shutdown: finish what was asked, answer it, then close.
+    func beginShutdown() {
+        switch phase {
+        case .handshaking: close()
+        case .transmitting:
+            disconnectRequested = true
+            stopReading()
+            closeIfIdle()
+        case .closed: break
+        }
+    }
+
+    // MARK: - Receiving
+
+    private func startReading() {
+        guard !reading, phase != .closed else { return }
+        reading = true
+        stream.startReading()
+    }
+
+    private func stopReading() {
+        guard reading else { return }
+        reading = false
+        stream.stopReading()
+    }
+
+    private var stagedCount: Int { stagingEnd - stagingStart }
+
+    /// Moves staged bytes to the front when the tail is too short for the next message.
+    private func compactStaging() {
+        if stagingStart == stagingEnd {
+            stagingStart = 0
+            stagingEnd = 0
+        } else if stagingStart > 0 && Self.stagingSize - stagingEnd < 4096 + 64 {
+            let n = stagedCount
+            staging.baseAddress!.copyMemory(from: staging.baseAddress! + stagingStart, byteCount: n)
+            stagingStart = 0
+            stagingEnd = n
+        }
+    }
+
+    fileprivate func readBuffer() -> UnsafeMutableRawBufferPointer {
+        if case .payload(let i) = target, let buffer = slab[i].buffer {
+            let received = slab[i].received
+            return UnsafeMutableRawBufferPointer(rebasing: buffer.bytes[received...])
+        }
+        compactStaging()
+        precondition(stagingEnd < Self.stagingSize, "staging buffer full while reading")
+        return UnsafeMutableRawBufferPointer(rebasing: staging[stagingEnd...])
+    }
+
+    fileprivate func didRead(_ count: Int) {
+        if case .payload(let i) = target {
+            slab[i].received += count
+            if slab[i].received == slab[i].buffer!.bytes.count {
+                target = .staging
+                execute(slot: i)
+            }
+        } else {
+            stagingEnd += count
+        }
+        processInput()
+    }
+
+    /// Consumes staged bytes until a message is incomplete or input is paused.
+    private func processInput() {
+        while phase != .closed {
+            if case .discard(let remaining, let slot) = target {
+                let n = min(remaining, stagedCount)
+                stagingStart += n
+                if n < remaining {
+                    target = .discard(remaining: remaining - n, slot: slot)
+                    break
+                }
+                target = .staging
+                sendRejection(slot: slot)
+                continue
+            }
+            guard case .staging = target else { break }
+            if phase == .handshaking {
+                guard handshakeStep() else { break }
+            } else {
+                guard requestStep() else { break }
+            }
+        }
+        compactStaging()
+    }
+
+    /// Feeds one handshake message if it is complete. Returns whether to keep going.
+    private func handshakeStep() -> Bool {
+        guard var machine = handshake else { return false }
+        let need = machine.bytesNeeded
+        guard stagedCount >= need else { return false }
+        let bytes = Array(UnsafeRawBufferPointer(rebasing: staging[stagingStart..<stagingStart + need]))
+        stagingStart += need
+        let action = machine.receive(bytes)
+        handshake = machine
+        switch action {
+        case .proceed(let reply):
+            if !reply.isEmpty { sendHandshakeBytes(reply) }
+            return true
+        case .startTransmission(let reply, let session):
+            sendHandshakeBytes(reply)
+            enterTransmission(session)
+            return true
+        case .abort(let reply):
+            log.debug("connection \(id): client aborted the handshake")
+            sendHandshakeBytes(reply)
+            closeAfterWrites = true
+            stopReading()
+            phase = .closed
+            if handshakeWrites.isEmpty { stream.close() }
+            return false
+        case .close(let reason):
+            log.info("connection \(id) from \(stream.peerDescription): \(reason)")
+            close()
+            return false
+        }
+    }
+
+    private func enterTransmission(_ session: NegotiatedSession) {
+        handshake = nil
+        handshakeTimer?.close()
+        handshakeTimer = nil
+        self.session = session
+        validator = RequestValidator(session: session)
+        encoder = ReplyEncoder(style: ReplyStyle(session: session))
+        headerSize = Request.headerSize(extended: session.extendedHeaders)
+        phase = .transmitting
+        log.debug("connection \(id): transmission (\(encoder.style), contexts \(session.metaContexts.map(\.name)))")
+    }
+
+    /// Parses and dispatches one request if its header is staged. Returns whether to keep going.
+    private func requestStep() -> Bool {
+        guard !disconnectRequested else { return false }
+        if slab.active >= limits.maximumRequests || inFlightBytes >= limits.maximumInFlightBytes {
+            readingPaused = true
+            stopReading()
+            return false
+        }
+        guard stagedCount >= headerSize, let validator else { return false }
+        let header = UnsafeRawBufferPointer(rebasing: staging[stagingStart..<stagingStart + headerSize])
+        guard let request = Request.parse(header, extended: session!.extendedHeaders) else {
+            log.info("connection \(id) from \(stream.peerDescription): bad request magic, closing")
+            close()
+            return false
+        }
+        stagingStart += headerSize
+        switch validator.validate(request) {
+        case .execute(let command, let payload):
+            let i = slab.allocate()
+            slab[i].request = request
+            slab[i].command = command
+            if command == .write && payload > 0 {
+                let buffer = pool.take(count: payload)
+                slab[i].buffer = buffer
+                inFlightBytes += payload
+                let n = min(payload, stagedCount)
+                if n > 0 {
+                    buffer.bytes.baseAddress!.copyMemory(from: staging.baseAddress! + stagingStart, byteCount: n)
+                    stagingStart += n
+                }
+                slab[i].received = n
+                if n < payload {
+                    slab[i].stage = .receivingPayload
+                    target = .payload(slot: i)
+                    return false
+                }
+            }
+            execute(slot: i)
+            return true
+        case .reject(let code, let payload, let reason):
+            log.debug("connection \(id): request rejected (\(code)): \(reason)")
+            let i = slab.allocate()
+            slab[i].request = request
+            slab[i].stage = .executing
+            prepareRejection(slot: i, code: code, reason: reason)
+            if payload > 0 {
+                target = .discard(remaining: payload, slot: i)
+            } else {
+                sendRejection(slot: i)
+            }
+            return true
+        case .disconnect:
+            log.debug("connection \(id): client sent DISC")
+            disconnectRequested = true
+            stopReading()
+            closeIfIdle()
+            return false
+        case .fatal(let reason):
+            log.info("connection \(id) from \(stream.peerDescription): \(reason), closing")
+            close()
+            return false
+        }
+    }
+
+    // MARK: - Executing
+
+    private func execute(slot i: Int) {
+        slab[i].stage = .executing
+        let r = slab[i].request
+        let device = export.device
+        let tag = UInt64(i)
+        switch slab[i].command {
+        case .read:
+            if r.length == 0 { return reply(slot: i, error: .ok) }
+            let buffer = pool.take(count: Int(r.length))
+            slab[i].buffer = buffer
+            inFlightBytes += Int(r.length)
+            device.read(offset: r.offset, into: buffer.bytes, tag: tag, handler: self)
+        case .write:
+            let bytes = slab[i].buffer.map { UnsafeRawBufferPointer($0.bytes) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
+            device.write(offset: r.offset, from: bytes, fua: r.flags.contains(.fua), tag: tag, handler: self)
+        case .flush:
+            device.flush(tag: tag, handler: self)
+        case .trim:
+            device.trim(offset: r.offset, length: r.length, fua: r.flags.contains(.fua), tag: tag, handler: self)
+        case .writeZeroes:
+            var options: ZeroOptions = []
+            if r.flags.contains(.noHole) { options.insert(.noHole) }
+            if r.flags.contains(.fastZero) { options.insert(.fastZero) }
+            if r.flags.contains(.fua) { options.insert(.fua) }
+            device.writeZeroes(offset: r.offset, length: r.length, options: options, tag: tag, handler: self)
+        case .cache:
+            device.cache(offset: r.offset, length: r.length, tag: tag, handler: self)
+        case .blockStatus:
+            device.blockStatus(offset: r.offset, length: r.length, tag: tag, handler: self)
+        case .disconnect:
+            preconditionFailure("DISC is never executed")
+        }
+    }
+
+    fileprivate func completed(slot i: Int, outcome: BlockOutcome) {
+        if phase == .closed {
+            release(slot: i)
+            return
+        }
+        switch outcome {
+        case .failed(let error):
+            if log.enabled(.debug) { log.debug("connection \(id): \(slab[i].command) failed: \(error)") }
+            reply(slot: i, error: NBDErrorCode(errno: error.errno), message: error.description)
+        case .done:
+            reply(slot: i, error: .ok)
+        case .read(let zeroRanges):
+            replyRead(slot: i, zeroRanges: zeroRanges)
+        case .extents(let extents):
+            replyBlockStatus(slot: i, extents: extents)
+        }
+    }
+
+    // MARK: - Replying
+
+    private func reply(slot i: Int, error: NBDErrorCode, message: String = "") {
+        let r = slab[i].request
+        var message = message
+        let size = encoder.completionSize(messageLength: message.utf8.count)
+        let out = scratch(slot: i, size: size)
+        let n = message.withUTF8 { text in
+            encoder.completion(into: out, cookie: r.cookie, requestOffset: r.offset, error: error,
+                               message: UnsafeRawBufferPointer(text))
+        }
+        send(slot: i, UnsafeRawBufferPointer(start: out, count: n))
+    }
+
+    private func prepareRejection(slot i: Int, code: NBDErrorCode, reason: String) {
+        // The reply is built now, while the reason is at hand, and sent once any payload is drained.
+        let r = slab[i].request
+        var message = reason
+        let size = encoder.completionSize(messageLength: message.utf8.count)
+        let out = scratch(slot: i, size: size)
+        let n = message.withUTF8 { text in
+            encoder.completion(into: out, cookie: r.cookie, requestOffset: r.offset, error: code,
+                               message: UnsafeRawBufferPointer(text))
+        }
+        slab[i].received = n
+    }
+
+    private func sendRejection(slot i: Int) {
+        let base = slab[i].overflow?.baseAddress ?? slab[i].headers.baseAddress!
+        send(slot: i, UnsafeRawBufferPointer(start: base, count: slab[i].received))
+    }
+
+    /// Memory for a reply of `size` bytes that lives until the slot is released.
+    private func scratch(slot i: Int, size: Int) -> UnsafeMutableRawPointer {
+        if size <= RequestSlot.headerBytes { return slab[i].headers.baseAddress! }
+        let extra = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 16)
+        slab[i].overflow = extra
+        return extra.baseAddress!
+    }
+
+    private func replyRead(slot i: Int, zeroRanges: [Range<UInt64>]) {
+        let r = slab[i].request
+        let data = UnsafeRawBufferPointer(slab[i].buffer!.bytes)
+        let headers = slab[i].headers.baseAddress!
+        // Holes become OFFSET_HOLE chunks when the client can take them (structured, no DF) and the
+        // split fits one vectored write; otherwise the zeros already in the buffer go out as data.
+        if encoder.style != .simple && !zeroRanges.isEmpty && !r.flags.contains(.dontFragment)
+            && zeroRanges.count <= 7 {
+            var parts: [UnsafeRawBufferPointer] = []
+            parts.reserveCapacity(16)
+            var used = 0
+            var position: UInt64 = 0
+            var segments: [(range: Range<UInt64>, hole: Bool)] = []
+            for z in zeroRanges {
+                if z.lowerBound > position { segments.append((position..<z.lowerBound, false)) }
+                segments.append((z, true))
+                position = z.upperBound
+            }
+            if position < r.length { segments.append((position..<r.length, false)) }
+            for (k, s) in segments.enumerated() {
+                let done = k == segments.count - 1
+                let h = headers + used
+                let n: Int
+                if s.hole {
+                    n = encoder.holeChunk(into: h, cookie: r.cookie, requestOffset: r.offset,
+                                          holeOffset: r.offset + s.range.lowerBound,
+                                          holeLength: UInt32(s.range.count), done: done)
+                    parts.append(UnsafeRawBufferPointer(start: h, count: n))
+                } else {
+                    n = encoder.dataHeader(into: h, cookie: r.cookie, requestOffset: r.offset,
+                                           dataOffset: r.offset + s.range.lowerBound, dataLength: s.range.count, done: done)
+                    parts.append(UnsafeRawBufferPointer(start: h, count: n))
+                    parts.append(UnsafeRawBufferPointer(rebasing: data[Int(s.range.lowerBound)..<Int(s.range.upperBound)]))
+                }
+                used += n
+            }
+            return send(slot: i, parts)
+        }
+        let n = encoder.dataHeader(into: headers, cookie: r.cookie, requestOffset: r.offset,
+                                   dataOffset: r.offset, dataLength: data.count, done: true)
+        send(slot: i, UnsafeRawBufferPointer(start: headers, count: n), data)
+    }
+
+    private func replyBlockStatus(slot i: Int, extents: [Extent]) {
+        let r = slab[i].request
+        let contexts = session!.metaContexts
+        var chunks: [(id: UInt32, extents: [(length: UInt64, flags: UInt32)])] = []
+        for context in contexts {
+            let depth = context.name == MetaContextName.allocationDepth
+            var list: [(length: UInt64, flags: UInt32)] = []
+            var covered: UInt64 = 0
+            for e in extents where covered < r.length {
+                let length = min(e.length, r.length - covered)
+                let value = depth ? e.depth : e.flags.rawValue
+                covered += length
+                if let last = list.last, last.flags == value {
+                    list[list.count - 1].length += length
+                } else {
+                    list.append((length, value))
+                }
+            }
+            if list.isEmpty { list = [(r.length, 0)] }
+            if r.flags.contains(.requestOne) { list = [list[0]] }
+            chunks.append((context.id, list))
+        }
+        let size = chunks.reduce(0) { $0 + encoder.blockStatusSize(count: $1.extents.count) }
+        let out = scratch(slot: i, size: size)
+        var used = 0
+        for (k, chunk) in chunks.enumerated() {
+            used += encoder.blockStatusChunk(into: out + used, cookie: r.cookie, requestOffset: r.offset,
+                                             contextID: chunk.id, extents: chunk.extents, done: k == chunks.count - 1)
+        }
+        send(slot: i, UnsafeRawBufferPointer(start: out, count: used))
+    }
+
+    /// Sends a reply of one or two parts (header, data) without building an array.
+    private func send(slot i: Int, _ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer? = nil) {
+        let outcome = withUnsafeTemporaryAllocation(of: UnsafeRawBufferPointer.self, capacity: 2) { parts in
+            parts[0] = first
+            var count = 1
+            if let second {
+                parts[1] = second
+                count = 2
+            }
+            return stream.write(UnsafeBufferPointer(rebasing: parts[0..<count]), context: UInt64(i))
+        }
+        sent(slot: i, outcome)
+    }
+
+    private func send(slot i: Int, _ parts: [UnsafeRawBufferPointer]) {
+        sent(slot: i, parts.withUnsafeBufferPointer { stream.write($0, context: UInt64(i)) })
+    }
+
+    private func sent(slot i: Int, _ outcome: WriteOutcome) {
+        slab[i].stage = .replying
+        switch outcome {
+        case .completed: release(slot: i)
+        case .pending: break
+        case .failed(let error):
+            log.info("connection \(id): write failed: \(error)")
+            release(slot: i)
+            close()
+        }
+    }
+
+    private func sendHandshakeBytes(_ bytes: [UInt8]) {
+        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 8)
+        copy.copyBytes(from: bytes)
+        let context = Self.handshakeContextBit | nextHandshakeWrite
+        nextHandshakeWrite += 1
+        let parts = [UnsafeRawBufferPointer(copy)]
+        let outcome = parts.withUnsafeBufferPointer { stream.write($0, context: context) }
+        switch outcome {
+        case .completed: copy.deallocate()
+        case .pending: handshakeWrites[context] = copy
+        case .failed:
+            copy.deallocate()
+            close()
+        }
+    }
+
+    fileprivate func writeFinished(context: UInt64, error: UVError?) {
+        if context & Self.handshakeContextBit != 0 {
+            handshakeWrites.removeValue(forKey: context)?.deallocate()
+            if closeAfterWrites && handshakeWrites.isEmpty { stream.close() }
+        } else {
+            release(slot: Int(context))
+        }
+        if let error, phase != .closed {
+            log.info("connection \(id): write failed: \(error)")
+            close()
+        }
+    }
+
+    private func release(slot i: Int) {
+        if let b = slab[i].buffer { inFlightBytes -= b.bytes.count }
+        slab.release(i, pool: pool)
+        if readingPaused && phase == .transmitting && !disconnectRequested
+            && slab.active <= limits.maximumRequests / 2 && inFlightBytes <= limits.maximumInFlightBytes / 2 {
+            readingPaused = false
+            startReading()
+            processInput()
+        }
+        closeIfIdle()
+    }
+
+    // MARK: - Closing
+
+    private func closeIfIdle() {
+        if disconnectRequested && phase == .transmitting && slab.active == 0 {
+            phase = .closed
+            stream.shutdownAndClose()
+        } else if phase == .closed && streamClosed && slab.active == 0 {
+            server.connectionDidFinish(self)
+        }
+    }
+
+    func close() {
+        guard phase != .closed else { return }
+        phase = .closed
+        handshakeTimer?.close()
+        handshakeTimer = nil
+        stopReading()
+        stream.close()
+    }
+
+    fileprivate func didClose() {
+        streamClosed = true
+        phase = .closed
+        handshakeTimer?.close()
+        handshakeTimer = nil
+        // Slots still receiving a payload never reached the driver; driver-owned ones finish later, and
+        // libuv has already cancelled queued replies through their write callbacks.
+        for i in slab.slots.indices where slab[i].stage == .receivingPayload {
+            release(slot: i)
+        }
+        if case .discard(_, let slot) = target { release(slot: slot) }
+        target = .staging
+        closeIfIdle()
+    }
+}
+
+extension Connection: SocketStreamDelegate {
+    func streamWantsReadBuffer(_ stream: SocketStream) -> UnsafeMutableRawBufferPointer { readBuffer() }
+
+    func stream(_ stream: SocketStream, didRead count: Int) { didRead(count) }
+
+    func stream(_ stream: SocketStream, didFailReadingWith error: UVError) {
+        if error != .eof { log.info("connection \(id) from \(stream.peerDescription): read failed: \(error)") }
+        else { log.debug("connection \(id): client closed the connection") }
+        close()
+    }
+
+    func stream(_ stream: SocketStream, didFinishWrite context: UInt64, error: UVError?) {
+        writeFinished(context: context, error: error)
+    }
+
+    func streamDidClose(_ stream: SocketStream) { didClose() }
+}
+
+extension Connection: BlockIOHandler {
+    func blockIOCompleted(tag: UInt64, outcome: BlockOutcome) {
+        completed(slot: Int(tag), outcome: outcome)
+    }
+}
+
+/// Per-connection resource bounds.
+public struct ConnectionLimits: Sendable {
+    /// Requests in flight (including replies not yet written) before reading pauses.
+    public var maximumRequests = 256
+    /// Payload and read bytes in flight before reading pauses.
+    public var maximumInFlightBytes = 128 << 20
+    /// A client must finish the handshake within this time.
+    public var handshakeTimeoutMilliseconds: UInt64 = 10_000
+
+    public init() {}
+}
