@@ -20,11 +20,18 @@ let package = Package(
         .target(name: "BlockDevice"),
         // Linux-only libc calls (fallocate, SEEK_DATA) that Glibc's Swift module does not expose.
         .target(name: "CLinux"),
+        // Pure qcow2 format and request state machines: I/O leaves as actions, results return as events.
+        .target(name: "QCow2", dependencies: ["BlockDevice"]),
+        // Decompression of compressed qcow2 clusters (deflate and zstd), from Debian's -dev packages.
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        // The I/O shell that runs the qcow2 engine's actions on UVCore, and opens backing chains.
+        .target(name: "QCow2Driver", dependencies: ["QCow2", "BlockDevice", "UVCore", "RawDriver", "CZlib", "CZstd"]),
         // Raw files and block devices, served through UVCore's file I/O.
         .target(name: "RawDriver", dependencies: ["BlockDevice", "UVCore", "CLinux"]),
         // Glue: listeners, connections, exports, configuration.
         .target(name: "NBDServer", dependencies: [
-            "UVCore", "NBDProtocol", "BlockDevice", "RawDriver",
+            "UVCore", "NBDProtocol", "BlockDevice", "RawDriver", "QCow2Driver",
         ]),
         .executableTarget(name: "qnbd", dependencies: [
             "NBDServer",
@@ -33,6 +40,7 @@ let package = Package(
 
         .testTarget(name: "UVCoreTests", dependencies: ["UVCore"]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
+        .testTarget(name: "QCow2Tests", dependencies: ["QCow2", "BlockDevice"]),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "RawDriver", "BlockDevice", "UVCore"]),
     ],
     swiftLanguageModes: [.v6]

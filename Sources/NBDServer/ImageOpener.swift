@@ -1,6 +1,7 @@
 // Opens the image a configuration names with the driver its format needs.
 
 import BlockDevice
+import QCow2Driver
 import RawDriver
 import UVCore
 #if canImport(Glibc)
@@ -26,8 +27,14 @@ enum ImageOpener {
                 throw ServerError(error.description)
             }
         case .qcow2:
-            throw ServerError("\(path): qcow2 images are not supported yet (serve a raw image, or convert with "
-                + "`qemu-img convert -O raw`)")
+            guard configuration.readOnly else {
+                throw ServerError("\(path): writing qcow2 images is not implemented yet; serve it with --read-only")
+            }
+            do {
+                return try QCow2Driver(path: path, io: io, cacheBytes: configuration.cacheBytes)
+            } catch {
+                throw ServerError(error.description)
+            }
         }
     }
 

@@ -29,6 +29,8 @@ public struct ServerConfiguration: Sendable {
     public var pidFile: String?
     public var logLevel: Logger.Level = .info
     public var threadPoolSize = 16
+    /// qcow2 metadata cache budget in bytes; nil picks one that maps the whole disk, up to 64 MiB.
+    public var cacheBytes: Int?
     public var connectionLimits = ConnectionLimits()
 
     public init(imagePath: String) {

@@ -1,0 +1,86 @@
+// The L2 table cache: one slot per L1 index, each a whole L2 table.
+//
+// A slot is `loading` from the moment the first request needs it until its read completes; requests
+// that need it meanwhile join its FIFO of waiters instead of issuing reads of their own (QED's rule:
+// one load per table). When the load completes every waiter is woken in order and looks its cluster
+// up again from the start, because the world may have changed while it slept. A `ready` slot answers
+// synchronously. Pinned slots (a request is using entries it read from them) are never evicted; the
+// cache may overflow its budget temporarily when every slot is pinned, rather than fail a request.
+
+/// Who is waiting on a slot.
+enum Waiter: Equatable {
+    case read(Int)
+    case status(Int)
+}
+
+final class L2Slot {
+    enum State {
+        /// The table's read is in flight.
+        case loading
+        /// The table is in `table`.
+        case ready
+    }
+
+    let l1Index: Int
+    let hostOffset: UInt64
+    var state: State = .loading
+    let table: UnsafeMutableRawBufferPointer
+    var waiters: [Waiter] = []
+    var pins = 0
+    var lastUse: UInt64 = 0
+
+    init(l1Index: Int, hostOffset: UInt64, size: Int) {
+        self.l1Index = l1Index
+        self.hostOffset = hostOffset
+        self.table = .allocate(byteCount: size, alignment: 4096)
+    }
+
+    deinit { table.deallocate() }
+
+    /// Raw first word of entry `index` (the mapping), and the subcluster bitmap for extended L2.
+    @inline(__always)
+    func entry(_ index: Int, extended: Bool) -> (word: UInt64, bitmap: UInt64) {
+        if extended {
+            return (table.be64(index * 16), table.be64(index * 16 + 8))
+        }
+        return (table.be64(index * 8), 0)
+    }
+}
+
+struct L2Cache {
+    private(set) var slots: [Int: L2Slot] = [:]
+    let tableSize: Int
+    let capacity: Int
+    private var clock: UInt64 = 0
+
+    init(tableSize: Int, budgetBytes: Int) {
+        self.tableSize = tableSize
+        self.capacity = max(4, budgetBytes / tableSize)
+    }
+
+    subscript(l1Index: Int) -> L2Slot? { slots[l1Index] }
+
+    /// Creates a loading slot, evicting the least recently used idle slot when over budget.
+    mutating func startLoading(l1Index: Int, hostOffset: UInt64) -> L2Slot {
+        if slots.count >= capacity { evictOne() }
+        let slot = L2Slot(l1Index: l1Index, hostOffset: hostOffset, size: tableSize)
+        slots[l1Index] = slot
+        touch(slot)
+        return slot
+    }
+
+    mutating func touch(_ slot: L2Slot) {
+        clock &+= 1
+        slot.lastUse = clock
+    }
+
+    mutating func remove(_ l1Index: Int) { slots[l1Index] = nil }
+
+    private mutating func evictOne() {
+        var victim: L2Slot?
+        for (_, s) in slots where s.state == .ready && s.pins == 0 && s.waiters.isEmpty {
+            if victim == nil || s.lastUse < victim!.lastUse { victim = s }
+        }
+        if let victim { slots[victim.l1Index] = nil }
+    }
+}

@@ -1,0 +1,284 @@
+// The I/O shell around QCow2Engine: a BlockDevice that opens a qcow2 image and its backing chain,
+// turns calls into engine events and runs the engine's actions on UVCore.
+//
+// Draining is a loop, not recursion: an action may complete inline (a page-cache hit), which feeds the
+// engine and queues more actions; those are picked up by the loop already running, so the stack stays
+// flat however long a chain of inline completions gets.
+
+import BlockDevice
+import QCow2
+import RawDriver
+import UVCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public final class QCow2Driver: BlockDevice {
+    public let size: UInt64
+    public let capabilities: BlockCapabilities
+    public let summary: String
+    public let path: String
+    public let header: Header
+    /// The image below this one, if any.
+    public let backing: BlockDevice?
+    private let engine: QCow2Engine
+    private let fd: Int32
+    private let io: FileIO
+    private var callers = CallerTable()
+    private var pumping = false
+
+    /// Longest backing chain accepted; deeper chains are refused as a likely loop or attack.
+    public static let maximumChainDepth = 64
+
+    /// Opens `path` read-only (writing qcow2 is not implemented yet).
+    public convenience init(path: String, io: FileIO, cacheBytes: Int? = nil) throws(BlockError) {
+        var seen: Set<String> = [Self.identity(path)]
+        try self.init(path: path, io: io, cacheBytes: cacheBytes, depth: 0, seen: &seen)
+    }
+
+    init(path: String, io: FileIO, cacheBytes: Int?, depth: Int, seen: inout Set<String>) throws(BlockError) {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw BlockError(errno: errno, message: "cannot open \(path)") }
+        var ok = false
+        defer { if !ok { Glibc.close(fd) } }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw BlockError(errno: errno, message: "cannot stat \(path)") }
+        let fileSize = UInt64(st.st_size)
+        // Metadata is read synchronously here: opening happens before the loop serves anyone.
+        let prefix = try Self.preadAll(fd, count: 104, offset: 0, path: path)
+        let clusterBytes = Header.bytesNeeded(prefix: prefix)
+        let first = clusterBytes > 0 ? try Self.preadAll(fd, count: min(clusterBytes, Int(fileSize)), offset: 0, path: path) : prefix
+        let header: Header
+        do {
+            header = try Header.parse(first)
+            try header.validate(fileSize: fileSize, writable: false)
+        } catch {
+            throw BlockError(errno: EINVAL, message: "\(path): \(error)")
+        }
+        let l1Bytes = try Self.preadAll(fd, count: Int(header.l1Size) * 8, offset: header.l1TableOffset, path: path)
+        let l1 = (0..<Int(header.l1Size)).map { l1Bytes.be64At($0 * 8) }
+
+        var backing: BlockDevice?
+        if let name = header.backingFileName {
+            guard depth + 1 < Self.maximumChainDepth else {
+                throw BlockError(errno: ELOOP, message: "\(path): backing chain deeper than \(Self.maximumChainDepth)")
+            }
+            let resolved = Self.resolve(name, relativeTo: path)
+            let key = Self.identity(resolved)
+            guard !seen.contains(key) else {
+                throw BlockError(errno: ELOOP, message: "\(path): backing chain loops back to \(resolved)")
+            }
+            seen.insert(key)
+            let format = header.backingFormat ?? (Self.looksLikeQCow2(resolved) ? "qcow2" : "raw")
+            switch format {
+            case "qcow2":
+                backing = try QCow2Driver(path: resolved, io: io, cacheBytes: cacheBytes, depth: depth + 1, seen: &seen)
+            case "raw", "file":
+                backing = try RawDriver(path: resolved, readOnly: true, io: io)
+            default:
+                throw BlockError(errno: ENOTSUP, message: "\(path): backing format \"\(format)\" is not supported")
+            }
+        }
+        do {
+            engine = try QCow2Engine(header: header, l1: l1, fileSize: fileSize, backingSize: backing?.size,
+                                     cacheBytes: cacheBytes ?? QCow2Engine.defaultCacheBytes(header: header))
+        } catch {
+            throw BlockError(errno: EINVAL, message: "\(path): \(error)")
+        }
+        self.fd = fd
+        self.io = io
+        self.path = path
+        self.header = header
+        self.backing = backing
+        self.size = header.size
+        self.capabilities = BlockCapabilities(
+            writable: false, canTrim: false, canZero: false, canFastZero: false, canMultiConn: true,
+            knowsAllocationDepth: true, minimumBlockSize: 1,
+            preferredBlockSize: UInt32(min(header.clusterSize, 2 << 20)))
+        var text = "qcow2 v\(header.version) \(path), \(header.size) bytes, \(header.clusterSize)-byte clusters"
+        if let backing { text += ", backed by \(backing.summary)" }
+        self.summary = text
+        ok = true
+    }
+
+    deinit { Glibc.close(fd) }
+
+    // MARK: - BlockDevice
+
+    public func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, tag: UInt64, handler: BlockIOHandler) {
+        engine.read(tag: callers.insert(tag: tag, handler: handler), offset: offset, into: buffer)
+        pump()
+    }
+
+    public func blockStatus(offset: UInt64, length: UInt64, tag: UInt64, handler: BlockIOHandler) {
+        engine.blockStatus(tag: callers.insert(tag: tag, handler: handler), offset: offset, length: length)
+        pump()
+    }
+
+    public func write(offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, tag: UInt64, handler: BlockIOHandler) {
+        handler.blockIOCompleted(tag: tag, outcome: .failed(.readOnly))
+    }
+
+    public func writeZeroes(offset: UInt64, length: UInt64, options: ZeroOptions, tag: UInt64, handler: BlockIOHandler) {
+        handler.blockIOCompleted(tag: tag, outcome: .failed(.readOnly))
+    }
+
+    public func trim(offset: UInt64, length: UInt64, fua: Bool, tag: UInt64, handler: BlockIOHandler) {
+        handler.blockIOCompleted(tag: tag, outcome: .failed(.readOnly))
+    }
+
+    /// Nothing is ever dirty in a read-only image.
+    public func flush(tag: UInt64, handler: BlockIOHandler) {
+        handler.blockIOCompleted(tag: tag, outcome: .done)
+    }
+
+    public func cache(offset: UInt64, length: UInt64, tag: UInt64, handler: BlockIOHandler) {
+        handler.blockIOCompleted(tag: tag, outcome: .done)
+    }
+
+    // MARK: - Running actions
+
+    private func pump() {
+        guard !pumping else { return }
+        pumping = true
+        defer { pumping = false }
+        while engine.hasActions {
+            for action in engine.takeActions() { execute(action) }
+        }
+    }
+
+    private func execute(_ action: IOAction) {
+        switch action {
+        case .readFile(let token, let offset, let buffer):
+            let context = UInt64(token.raw)
+            if case .done(let result) = io.read(fd: fd, into: buffer, offset: offset, context: context, completion: self) {
+                engine.completed(token, result: result < 0 ? .failure(Int32(-result)) : .success)
+            }
+        case .readBacking(let token, let offset, let buffer):
+            guard let backing else { preconditionFailure("backing read without a backing image") }
+            backing.read(offset: offset, into: buffer, tag: Self.backingTag | UInt64(token.raw), handler: self)
+        case .backingStatus(let token, let offset, let length):
+            guard let backing else { preconditionFailure("backing status without a backing image") }
+            backing.blockStatus(offset: offset, length: length, tag: Self.backingTag | UInt64(token.raw), handler: self)
+        case .decompress(let token, let algorithm, let source, let destination):
+            let job = DecompressJob(algorithm: algorithm, source: source, destination: destination)
+            io.run(context: UInt64(token.raw), completion: self) { job.run() }
+        case .complete(let tag, let outcome):
+            let caller = callers.remove(tag)
+            caller.handler.blockIOCompleted(tag: caller.tag, outcome: outcome)
+        }
+    }
+
+    private static let backingTag: UInt64 = 1 << 62
+
+    // MARK: - Opening helpers
+
+    private static func preadAll(_ fd: Int32, count: Int, offset: UInt64, path: String) throws(BlockError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var done = 0
+        while done < count {
+            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, count - done, off_t(offset) + off_t(done)) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw BlockError(errno: errno, message: "reading \(path)")
+            }
+            if n == 0 { break }   // past the end: the rest stays zero, as qcow2 readers treat it
+            done += n
+        }
+        return bytes
+    }
+
+    /// A backing name is relative to the folder of the image that names it, as in qemu.
+    static func resolve(_ name: String, relativeTo image: String) -> String {
+        if name.hasPrefix("/") { return name }
+        guard let slash = image.lastIndex(of: "/") else { return name }
+        return String(image[...slash]) + name
+    }
+
+    private static func identity(_ path: String) -> String {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return path }
+        return "\(st.st_dev):\(st.st_ino)"
+    }
+
+    private static func looksLikeQCow2(_ path: String) -> Bool {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { Glibc.close(fd) }
+        var magic: UInt32 = 0
+        return pread(fd, &magic, 4, 0) == 4 && UInt32(bigEndian: magic) == Header.magic
+    }
+}
+
+extension QCow2Driver: FileIOCompletion {
+    public func fileIOCompleted(context: UInt64, result: Int) {
+        engine.completed(IOToken(raw: UInt32(context)), result: result < 0 ? .failure(Int32(-result)) : .success)
+        pump()
+    }
+}
+
+extension QCow2Driver: BlockIOHandler {
+    /// Completions from the backing image.
+    public func blockIOCompleted(tag: UInt64, outcome: BlockOutcome) {
+        let token = IOToken(raw: UInt32(truncatingIfNeeded: tag & ~Self.backingTag))
+        switch outcome {
+        case .done, .read: engine.completed(token, result: .success)
+        case .extents(let extents): engine.completed(token, result: .extents(extents))
+        case .failed(let error): engine.completed(token, result: .failure(error.errno))
+        }
+        pump()
+    }
+}
+
+/// Carries the buffers of one decompression to a pool thread; the engine does not touch them until the
+/// completion, which libuv orders after the work.
+private final class DecompressJob: @unchecked Sendable {
+    let algorithm: CompressionAlgorithm
+    let source: UnsafeRawBufferPointer
+    let destination: UnsafeMutableRawBufferPointer
+
+    init(algorithm: CompressionAlgorithm, source: UnsafeRawBufferPointer, destination: UnsafeMutableRawBufferPointer) {
+        self.algorithm = algorithm
+        self.source = source
+        self.destination = destination
+    }
+
+    func run() -> Int { Decompressor.run(algorithm, source: source, into: destination) }
+}
+
+/// Callers of in-flight requests, by the tag given to the engine.
+private struct CallerTable {
+    struct Caller {
+        let tag: UInt64
+        let handler: BlockIOHandler
+    }
+
+    private var entries: [Caller?] = []
+    private var free: [Int] = []
+
+    mutating func insert(tag: UInt64, handler: BlockIOHandler) -> RequestTag {
+        let caller = Caller(tag: tag, handler: handler)
+        if let i = free.popLast() {
+            entries[i] = caller
+            return RequestTag(i)
+        }
+        entries.append(caller)
+        return RequestTag(entries.count - 1)
+    }
+
+    mutating func remove(_ tag: RequestTag) -> Caller {
+        let i = Int(tag)
+        let caller = entries[i]!
+        entries[i] = nil
+        free.append(i)
+        return caller
+    }
+}
+
+private extension Array where Element == UInt8 {
+    func be64At(_ at: Int) -> UInt64 {
+        var v: UInt64 = 0
+        for i in 0..<8 { v = v << 8 | UInt64(self[at + i]) }
+        return v
+    }
+}
