@@ -27,11 +27,9 @@ enum ImageOpener {
                 throw ServerError(error.description)
             }
         case .qcow2:
-            guard configuration.readOnly else {
-                throw ServerError("\(path): writing qcow2 images is not implemented yet; serve it with --read-only")
-            }
             do {
-                return try QCow2Driver(path: path, io: io, cacheBytes: configuration.cacheBytes)
+                return try QCow2Driver(path: path, readOnly: configuration.readOnly, io: io,
+                                       cacheBytes: configuration.cacheBytes)
             } catch {
                 throw ServerError(error.description)
             }

@@ -140,7 +140,7 @@ public final class Server {
         guard stopping, connections.isEmpty, shutdownTimer != nil else { return }
         shutdownTimer?.close()
         shutdownTimer = nil
-        export.device.flush(tag: 0, handler: self)
+        export.device.close(tag: 0, handler: self)
     }
 
     func connectionDidFinish(_ connection: Connection) {

@@ -24,6 +24,12 @@ public enum CompressionAlgorithm: Sendable {
 public enum IOAction {
     /// Read `buffer.count` bytes of the image file at `offset` (bytes past the end of the file read as zeros).
     case readFile(IOToken, offset: UInt64, into: UnsafeMutableRawBufferPointer)
+    /// Write all of `from` to the image file at `offset`; `dsync` makes it durable before completion.
+    case writeFile(IOToken, offset: UInt64, from: UnsafeRawBufferPointer, dsync: Bool)
+    /// fdatasync the image file.
+    case syncFile(IOToken)
+    /// Deallocate a byte range of the image file (it reads back as zeros).
+    case punchFile(IOToken, offset: UInt64, length: UInt64)
     /// Read guest data of the backing image at `offset` (past its end: zeros).
     case readBacking(IOToken, offset: UInt64, into: UnsafeMutableRawBufferPointer)
     /// Block status of the backing image for `offset ..< offset + length`.

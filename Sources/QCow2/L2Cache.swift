@@ -11,6 +11,7 @@
 enum Waiter: Equatable {
     case read(Int)
     case status(Int)
+    case write(Int)
 }
 
 final class L2Slot {
@@ -22,12 +23,14 @@ final class L2Slot {
     }
 
     let l1Index: Int
-    let hostOffset: UInt64
+    var hostOffset: UInt64
     var state: State = .loading
     let table: UnsafeMutableRawBufferPointer
     var waiters: [Waiter] = []
     var pins = 0
     var lastUse: UInt64 = 0
+    /// Epoch of the oldest link not yet captured by a flush; nil when the table on disk is current.
+    var dirtyEpoch: UInt64?
 
     init(l1Index: Int, hostOffset: UInt64, size: Int) {
         self.l1Index = l1Index
@@ -36,6 +39,11 @@ final class L2Slot {
     }
 
     deinit { table.deallocate() }
+
+    @inline(__always)
+    func setEntry(_ index: Int, word: UInt64, extended: Bool) {
+        table.setBE64(word, at: index * (extended ? 16 : 8))
+    }
 
     /// Raw first word of entry `index` (the mapping), and the subcluster bitmap for extended L2.
     @inline(__always)
@@ -69,6 +77,18 @@ struct L2Cache {
         return slot
     }
 
+    /// Installs a slot that is ready at once (a new or copied table).
+    mutating func insertReady(_ slot: L2Slot) {
+        if slots[slot.l1Index] == nil && slots.count >= capacity { evictOne() }
+        slot.state = .ready
+        slots[slot.l1Index] = slot
+        touch(slot)
+    }
+
+    func makeSlot(l1Index: Int, hostOffset: UInt64) -> L2Slot {
+        L2Slot(l1Index: l1Index, hostOffset: hostOffset, size: tableSize)
+    }
+
     mutating func touch(_ slot: L2Slot) {
         clock &+= 1
         slot.lastUse = clock
@@ -78,7 +98,8 @@ struct L2Cache {
 
     private mutating func evictOne() {
         var victim: L2Slot?
-        for (_, s) in slots where s.state == .ready && s.pins == 0 && s.waiters.isEmpty {
+        // Dirty tables stay until a flush writes them (Q5: the cache overflows rather than write early).
+        for (_, s) in slots where s.state == .ready && s.pins == 0 && s.waiters.isEmpty && s.dirtyEpoch == nil {
             if victim == nil || s.lastUse < victim!.lastUse { victim = s }
         }
         if let victim { slots[victim.l1Index] = nil }

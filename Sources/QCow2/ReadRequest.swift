@@ -21,6 +21,8 @@ struct ReadRequest {
     var position: UInt64 = 0
     var pending = 0
     var error: BlockError?
+    /// The in-flight generation this read pinned (writable images only).
+    var generation: UInt64?
     /// Sub-ranges (relative to `offset`) known to read as zeros, for OFFSET_HOLE replies.
     var zeroRanges: [Range<UInt64>] = []
 

@@ -26,18 +26,22 @@ public final class QCow2Driver: BlockDevice {
     private let io: FileIO
     private var callers = CallerTable()
     private var pumping = false
+    private var closing: (tag: UInt64, handler: BlockIOHandler, passes: Int)?
 
     /// Longest backing chain accepted; deeper chains are refused as a likely loop or attack.
     public static let maximumChainDepth = 64
 
-    /// Opens `path` read-only (writing qcow2 is not implemented yet).
-    public convenience init(path: String, io: FileIO, cacheBytes: Int? = nil) throws(BlockError) {
+    /// Largest refcount metadata loaded for a writable image (see RefcountState for why it is loaded).
+    public static let maximumRefcountBytes = 512 << 20
+
+    /// Opens `path`; the backing chain below it is always opened read-only.
+    public convenience init(path: String, readOnly: Bool, io: FileIO, cacheBytes: Int? = nil) throws(BlockError) {
         var seen: Set<String> = [Self.identity(path)]
-        try self.init(path: path, io: io, cacheBytes: cacheBytes, depth: 0, seen: &seen)
+        try self.init(path: path, writable: !readOnly, io: io, cacheBytes: cacheBytes, depth: 0, seen: &seen)
     }
 
-    init(path: String, io: FileIO, cacheBytes: Int?, depth: Int, seen: inout Set<String>) throws(BlockError) {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+    init(path: String, writable: Bool, io: FileIO, cacheBytes: Int?, depth: Int, seen: inout Set<String>) throws(BlockError) {
+        let fd = Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
         guard fd >= 0 else { throw BlockError(errno: errno, message: "cannot open \(path)") }
         var ok = false
         defer { if !ok { Glibc.close(fd) } }
@@ -51,9 +55,17 @@ public final class QCow2Driver: BlockDevice {
         let header: Header
         do {
             header = try Header.parse(first)
-            try header.validate(fileSize: fileSize, writable: false)
+            try header.validate(fileSize: fileSize, writable: writable)
         } catch {
             throw BlockError(errno: EINVAL, message: "\(path): \(error)")
+        }
+        if writable && header.isDirty {
+            throw BlockError(errno: EINVAL, message: "\(path): qcow2 header: the dirty bit is set (lazy refcounts after a crash); "
+                + "repair it with `qemu-img check -r all` or serve it with --read-only")
+        }
+        if writable && header.extendedL2 {
+            throw BlockError(errno: ENOTSUP, message: "\(path): writing images with extended L2 entries is not implemented yet; "
+                + "serve it with --read-only")
         }
         let l1Bytes = try Self.preadAll(fd, count: Int(header.l1Size) * 8, offset: header.l1TableOffset, path: path)
         let l1 = (0..<Int(header.l1Size)).map { l1Bytes.be64At($0 * 8) }
@@ -72,18 +84,31 @@ public final class QCow2Driver: BlockDevice {
             let format = header.backingFormat ?? (Self.looksLikeQCow2(resolved) ? "qcow2" : "raw")
             switch format {
             case "qcow2":
-                backing = try QCow2Driver(path: resolved, io: io, cacheBytes: cacheBytes, depth: depth + 1, seen: &seen)
+                backing = try QCow2Driver(path: resolved, writable: false, io: io, cacheBytes: cacheBytes, depth: depth + 1,
+                                          seen: &seen)
             case "raw", "file":
                 backing = try RawDriver(path: resolved, readOnly: true, io: io)
             default:
                 throw BlockError(errno: ENOTSUP, message: "\(path): backing format \"\(format)\" is not supported")
             }
         }
+        let cache = cacheBytes ?? QCow2Engine.defaultCacheBytes(header: header)
         do {
-            engine = try QCow2Engine(header: header, l1: l1, fileSize: fileSize, backingSize: backing?.size,
-                                     cacheBytes: cacheBytes ?? QCow2Engine.defaultCacheBytes(header: header))
-        } catch {
+            if writable {
+                let (table, blocks) = try Self.loadRefcounts(fd, header: header, fileSize: fileSize, path: path)
+                engine = try QCow2Engine(header: header, l1: l1, fileSize: fileSize, backingSize: backing?.size,
+                                         cacheBytes: cache, refcountTable: table, refcountBlocks: blocks)
+                try Self.clearAutoclearBits(fd, header: header, path: path)
+            } else {
+                engine = try QCow2Engine(header: header, l1: l1, fileSize: fileSize, backingSize: backing?.size,
+                                         cacheBytes: cache)
+            }
+        } catch let error as QCow2Error {
             throw BlockError(errno: EINVAL, message: "\(path): \(error)")
+        } catch let error as BlockError {
+            throw error
+        } catch {
+            throw BlockError(errno: EIO, message: "\(path): \(error)")
         }
         self.fd = fd
         self.io = io
@@ -92,7 +117,7 @@ public final class QCow2Driver: BlockDevice {
         self.backing = backing
         self.size = header.size
         self.capabilities = BlockCapabilities(
-            writable: false, canTrim: false, canZero: false, canFastZero: false, canMultiConn: true,
+            writable: writable, canTrim: writable, canZero: writable, canFastZero: writable, canMultiConn: true,
             knowsAllocationDepth: true, minimumBlockSize: 1,
             preferredBlockSize: UInt32(min(header.clusterSize, 2 << 20)))
         var text = "qcow2 v\(header.version) \(path), \(header.size) bytes, \(header.clusterSize)-byte clusters"
@@ -116,20 +141,43 @@ public final class QCow2Driver: BlockDevice {
     }
 
     public func write(offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, tag: UInt64, handler: BlockIOHandler) {
-        handler.blockIOCompleted(tag: tag, outcome: .failed(.readOnly))
+        engine.write(tag: callers.insert(tag: tag, handler: handler), offset: offset, from: buffer, fua: fua)
+        pump()
     }
 
     public func writeZeroes(offset: UInt64, length: UInt64, options: ZeroOptions, tag: UInt64, handler: BlockIOHandler) {
-        handler.blockIOCompleted(tag: tag, outcome: .failed(.readOnly))
+        engine.writeZeroes(tag: callers.insert(tag: tag, handler: handler), offset: offset, length: length,
+                           keepAllocation: options.contains(.noHole), fastOnly: options.contains(.fastZero),
+                           fua: options.contains(.fua))
+        pump()
     }
 
     public func trim(offset: UInt64, length: UInt64, fua: Bool, tag: UInt64, handler: BlockIOHandler) {
-        handler.blockIOCompleted(tag: tag, outcome: .failed(.readOnly))
+        engine.trim(tag: callers.insert(tag: tag, handler: handler), offset: offset, length: length, fua: fua)
+        pump()
     }
 
-    /// Nothing is ever dirty in a read-only image.
     public func flush(tag: UInt64, handler: BlockIOHandler) {
-        handler.blockIOCompleted(tag: tag, outcome: .done)
+        engine.flush(tag: callers.insert(tag: tag, handler: handler))
+        pump()
+    }
+
+    /// Flushes until nothing is left: a flush that frees clusters dirties refcount blocks, which the
+    /// next flush writes.
+    public func close(tag: UInt64, handler: BlockIOHandler) {
+        closing = (tag, handler, 4)
+        closeStep()
+    }
+
+    private func closeStep() {
+        guard let (tag, handler, passes) = closing else { return }
+        if !engine.isDirty || passes == 0 {
+            closing = nil
+            return handler.blockIOCompleted(tag: tag, outcome: .done)
+        }
+        closing = (tag, handler, passes - 1)
+        engine.flush(tag: callers.insert(tag: Self.closeTag, handler: self))
+        pump()
     }
 
     public func cache(offset: UInt64, length: UInt64, tag: UInt64, handler: BlockIOHandler) {
@@ -154,6 +202,17 @@ public final class QCow2Driver: BlockDevice {
             if case .done(let result) = io.read(fd: fd, into: buffer, offset: offset, context: context, completion: self) {
                 engine.completed(token, result: result < 0 ? .failure(Int32(-result)) : .success)
             }
+        case .writeFile(let token, let offset, let buffer, let dsync):
+            let context = UInt64(token.raw)
+            if case .done(let result) = io.write(fd: fd, from: buffer, offset: offset, dsync: dsync, context: context,
+                                                 completion: self) {
+                engine.completed(token, result: result < 0 ? .failure(Int32(-result)) : .success)
+            }
+        case .syncFile(let token):
+            io.fdatasync(fd: fd, context: UInt64(token.raw), completion: self)
+        case .punchFile(let token, let offset, let length):
+            io.fallocate(fd: fd, mode: FallocateMode.punchHole | FallocateMode.keepSize, offset: offset, length: length,
+                         context: UInt64(token.raw), completion: self)
         case .readBacking(let token, let offset, let buffer):
             guard let backing else { preconditionFailure("backing read without a backing image") }
             backing.read(offset: offset, into: buffer, tag: Self.backingTag | UInt64(token.raw), handler: self)
@@ -170,6 +229,7 @@ public final class QCow2Driver: BlockDevice {
     }
 
     private static let backingTag: UInt64 = 1 << 62
+    private static let closeTag: UInt64 = 1 << 61
 
     // MARK: - Opening helpers
 
@@ -186,6 +246,39 @@ public final class QCow2Driver: BlockDevice {
             done += n
         }
         return bytes
+    }
+
+    /// Reads the refcount table and every refcount block it names (writable opens only).
+    private static func loadRefcounts(_ fd: Int32, header: Header, fileSize: UInt64,
+                                      path: String) throws(BlockError) -> ([UInt64], [Int: [UInt8]]) {
+        let cluster = Int(header.clusterSize)
+        let tableBytes = try preadAll(fd, count: Int(header.refcountTableClusters) * cluster,
+                                      offset: header.refcountTableOffset, path: path)
+        let table = (0..<(tableBytes.count / 8)).map { tableBytes.be64At($0 * 8) }
+        let used = table.filter { $0 != 0 }.count
+        guard used * cluster <= maximumRefcountBytes else {
+            throw BlockError(errno: EFBIG, message: "\(path): \(used * cluster) bytes of refcount blocks exceed the "
+                + "\(maximumRefcountBytes >> 20) MiB qnbd loads for writing; serve it with --read-only")
+        }
+        var blocks: [Int: [UInt8]] = [:]
+        for (i, offset) in table.enumerated() where offset != 0 {
+            guard offset & 511 == 0, offset % UInt64(cluster) == 0, offset < fileSize else {
+                throw BlockError(errno: EINVAL, message: "\(path): qcow2 refcount table entry \(i): block offset "
+                    + "0x\(String(offset, radix: 16)) is not a cluster inside the file")
+            }
+            blocks[i] = try preadAll(fd, count: cluster, offset: offset, path: path)
+        }
+        return (table, blocks)
+    }
+
+    /// qnbd maintains no autoclear feature (bitmaps included), so their bits are cleared before the
+    /// first write, as the spec requires of writers that do not know them.
+    private static func clearAutoclearBits(_ fd: Int32, header: Header, path: String) throws(BlockError) {
+        guard header.version >= 3, header.autoclearFeatures != 0 else { return }
+        var zero: UInt64 = 0
+        guard pwrite(fd, &zero, 8, off_t(Header.autoclearFeaturesOffset)) == 8, fdatasync(fd) == 0 else {
+            throw BlockError(errno: errno, message: "\(path): cannot clear the autoclear feature bits")
+        }
     }
 
     /// A backing name is relative to the folder of the image that names it, as in qemu.
@@ -220,6 +313,13 @@ extension QCow2Driver: FileIOCompletion {
 extension QCow2Driver: BlockIOHandler {
     /// Completions from the backing image.
     public func blockIOCompleted(tag: UInt64, outcome: BlockOutcome) {
+        if tag == Self.closeTag {
+            if case .failed(let error) = outcome, let (t, h, _) = closing {
+                closing = nil
+                return h.blockIOCompleted(tag: t, outcome: .failed(error))
+            }
+            return closeStep()
+        }
         let token = IOToken(raw: UInt32(truncatingIfNeeded: tag & ~Self.backingTag))
         switch outcome {
         case .done, .read: engine.completed(token, result: .success)

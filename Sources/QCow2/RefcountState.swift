@@ -1,0 +1,216 @@
+// Refcounts, held entirely in memory for a writable image, with the allocator on top.
+//
+// Why in memory: refcount metadata is tiny next to the data it describes (one 64 KiB block of 16-bit
+// counts covers 2 GiB of host file), so loading it all when the image is opened costs little and makes
+// every allocation and every free a synchronous step of a request's state machine instead of another
+// place to wait. Opening refuses images whose refcount metadata would not fit the budget.
+//
+// Allocation appends at the end of the file unless a cluster freed earlier can be reused. A freed
+// cluster is reusable only when (O4) the removal of its last reference is durable — frees are queued
+// per epoch and applied by `retire` after the flush that wrote the removal — and no I/O issued before
+// the removal can still be touching it (the generation check in the engine).
+//
+// New refcount blocks are placed at the first free cluster at or after the end of the file; when that
+// cluster lies inside the range the block describes, the block counts itself, otherwise its own count
+// is kept by the block of its range, created the same way. Growing the refcount table builds the new
+// table in memory; the flush pipeline writes it and then switches the header to it (O3).
+
+struct RefcountState {
+    let geometry: Geometry
+    /// Reftable entries: refblock host offsets (0 = none).
+    private(set) var table: [UInt64]
+    /// Refcount blocks by reftable index.
+    private(set) var blocks: [Int: UnsafeMutableRawBufferPointer] = [:]
+    /// Epoch at which each block was last changed and not yet captured by a flush.
+    private(set) var dirtyBlocks: [Int: UInt64] = [:]
+    /// Reftable entries changed since the last capture (by index), when the table did not move.
+    private(set) var dirtyTableEntries: [Int: UInt64] = [:]
+    /// Where the table lives on disk now, and where it will live once a flush switches the header.
+    private(set) var tableOffset: UInt64
+    private(set) var tableClusters: Int
+    /// A grown table not yet written and switched to, with the epoch of the growth.
+    private(set) var movedTable: (offset: UInt64, clusters: Int, epoch: UInt64)?
+    /// First cluster index at or past the end of everything allocated.
+    private(set) var endCluster: UInt64
+    /// Clusters whose count reached zero and that may be handed out again (subject to the generation check).
+    private(set) var reusable: [(cluster: UInt64, generation: UInt64)] = []
+
+    init(geometry: Geometry, table: [UInt64], tableOffset: UInt64, tableClusters: Int, endCluster: UInt64) {
+        self.geometry = geometry
+        self.table = table
+        self.tableOffset = tableOffset
+        self.tableClusters = tableClusters
+        self.endCluster = endCluster
+    }
+
+    /// Installs a refcount block read from the file at open.
+    mutating func install(index: Int, bytes: UnsafeRawBufferPointer) {
+        let block = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(geometry.clusterSize), alignment: 4096)
+        block.copyMemory(from: bytes)
+        blocks[index] = block
+    }
+
+    func deallocate() {
+        for (_, b) in blocks { b.deallocate() }
+    }
+
+    var blockBytes: Int { blocks.count * Int(geometry.clusterSize) }
+
+    // MARK: - Counts
+
+    func refcount(ofCluster c: UInt64) -> UInt64 {
+        let (t, i) = geometry.refcountPosition(ofCluster: c)
+        guard let block = blocks[t] else { return 0 }
+        return RefcountEntry.get(UnsafeRawBufferPointer(block), index: i, order: geometry.refcountOrder)
+    }
+
+    /// Sets a count whose refcount block exists (or creates the block). `epoch` marks it dirty.
+    mutating func setRefcount(ofCluster c: UInt64, to value: UInt64, epoch: UInt64) {
+        let (t, i) = geometry.refcountPosition(ofCluster: c)
+        if blocks[t] == nil { createBlock(index: t, epoch: epoch) }
+        RefcountEntry.set(blocks[t]!, index: i, order: geometry.refcountOrder, value: value)
+        dirtyBlocks[t] = epoch
+    }
+
+    // MARK: - Allocation
+
+    /// Allocates `count` contiguous clusters at the end of the file with refcount 1.
+    mutating func allocateAtEnd(count: Int, epoch: UInt64) -> UInt64 {
+        // Blocks created for these clusters land after them, so reserve first, then count.
+        let first = endCluster
+        endCluster += UInt64(count)
+        for k in 0..<UInt64(count) { setRefcount(ofCluster: first + k, to: 1, epoch: epoch) }
+        return first * geometry.clusterSize
+    }
+
+    /// One cluster: a reusable one whose last I/O is done if `oldestInFlight` allows, else at the end.
+    mutating func allocateOne(epoch: UInt64, oldestInFlight: UInt64?) -> UInt64 {
+        if let k = reusable.firstIndex(where: { oldestInFlight == nil || $0.generation <= oldestInFlight! }) {
+            let c = reusable.remove(at: k).cluster
+            setRefcount(ofCluster: c, to: 1, epoch: epoch)
+            return c * geometry.clusterSize
+        }
+        return allocateAtEnd(count: 1, epoch: epoch)
+    }
+
+    /// Creates an empty refcount block for reftable index `t`, growing the table if needed.
+    private mutating func createBlock(index t: Int, epoch: UInt64) {
+        if t >= table.count { grow(toCover: t, epoch: epoch) }
+        let block = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(geometry.clusterSize), alignment: 4096)
+        block.initializeMemory(as: UInt8.self, repeating: 0)
+        blocks[t] = block
+        let home = endCluster
+        endCluster += 1
+        table[t] = home * geometry.clusterSize
+        noteTableChange(t, epoch: epoch)
+        dirtyBlocks[t] = epoch
+        // The block's own count: in itself when it lies in its range, else in its range's block.
+        setRefcount(ofCluster: home, to: 1, epoch: epoch)
+    }
+
+    private mutating func noteTableChange(_ t: Int, epoch: UInt64) {
+        if movedTable == nil { dirtyTableEntries[t] = epoch }
+    }
+
+    /// Builds a larger refcount table in memory (H3); the flush writes it and switches the header.
+    private mutating func grow(toCover t: Int, epoch: UInt64) {
+        let entriesPerCluster = Int(geometry.clusterSize / 8)
+        let oldClusters = movedTable?.clusters ?? tableClusters
+        if let unwritten = movedTable {
+            // A table grown since the last flush was never written or referenced: give it back now.
+            let first = unwritten.offset / geometry.clusterSize
+            for k in 0..<UInt64(unwritten.clusters) {
+                setRefcount(ofCluster: first + k, to: 0, epoch: epoch)
+                reusable.append((first + k, 0))
+            }
+        }
+        var clusters = max(oldClusters * 3 / 2, (t + 1 + entriesPerCluster - 1) / entriesPerCluster)
+        // Leave room for the blocks that will count the table itself.
+        clusters += 1
+        let first = endCluster
+        endCluster += UInt64(clusters)
+        table += [UInt64](repeating: 0, count: clusters * entriesPerCluster - table.count)
+        movedTable = (first * geometry.clusterSize, clusters, epoch)
+        dirtyTableEntries.removeAll()
+        for k in 0..<UInt64(clusters) { setRefcount(ofCluster: first + k, to: 1, epoch: epoch) }
+    }
+
+    // MARK: - Frees
+
+    /// Applies a deferred decrease (after the removal is durable). Returns true when the count hit 0.
+    mutating func release(cluster c: UInt64, epoch: UInt64, generation: UInt64) -> Bool {
+        let count = refcount(ofCluster: c)
+        guard count > 0 else { return false }   // already free: a repeated free is not ours to fix
+        setRefcount(ofCluster: c, to: count - 1, epoch: epoch)
+        if count == 1 {
+            reusable.append((c, generation))
+            return true
+        }
+        return false
+    }
+
+    /// Takes a freed cluster out of the reusable list (it is being punched).
+    mutating func withhold(cluster c: UInt64) -> Bool {
+        guard let k = reusable.firstIndex(where: { $0.cluster == c }) else { return false }
+        reusable.remove(at: k)
+        return true
+    }
+
+    mutating func makeReusable(cluster c: UInt64, generation: UInt64) {
+        if refcount(ofCluster: c) == 0 { reusable.append((c, generation)) }
+    }
+
+    // MARK: - Flush capture
+
+    struct Capture {
+        var blocks: [(offset: UInt64, bytes: UnsafeMutableRawBufferPointer)] = []
+        /// Reftable sectors to write in place: (offset, 512-byte copy).
+        var tableSectors: [(offset: UInt64, bytes: UnsafeMutableRawBufferPointer)] = []
+        /// A whole new table to write, then switch the header to.
+        var newTable: (offset: UInt64, clusters: Int, bytes: UnsafeMutableRawBufferPointer)?
+        var oldTable: (offset: UInt64, clusters: Int)?
+    }
+
+    /// Copies everything dirty at or before `epoch` and marks it clean (Q6: later changes go to the
+    /// live copies and belong to the next flush).
+    mutating func capture(upTo epoch: UInt64) -> Capture {
+        var c = Capture()
+        let size = Int(geometry.clusterSize)
+        for (t, e) in dirtyBlocks where e <= epoch {
+            let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
+            copy.copyMemory(from: UnsafeRawBufferPointer(blocks[t]!))
+            c.blocks.append((table[t], copy))
+            dirtyBlocks[t] = nil
+        }
+        if let moved = movedTable, moved.epoch <= epoch {
+            let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: moved.clusters * size, alignment: 4096)
+            bytes.initializeMemory(as: UInt8.self, repeating: 0)
+            for (i, v) in table.enumerated() where i * 8 < bytes.count { bytes.setBE64(v, at: i * 8) }
+            c.newTable = (moved.offset, moved.clusters, bytes)
+            c.oldTable = (tableOffset, tableClusters)
+            tableOffset = moved.offset
+            tableClusters = moved.clusters
+            movedTable = nil
+            dirtyTableEntries.removeAll()
+        } else if movedTable == nil {
+            var sectors: Set<Int> = []
+            for (t, e) in dirtyTableEntries where e <= epoch {
+                sectors.insert(t / 64)
+                dirtyTableEntries[t] = nil
+            }
+            for s in sectors.sorted() {
+                let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 512)
+                copy.initializeMemory(as: UInt8.self, repeating: 0)
+                for k in 0..<64 where s * 64 + k < table.count { copy.setBE64(table[s * 64 + k], at: k * 8) }
+                c.tableSectors.append((tableOffset + UInt64(s) * 512, copy))
+            }
+        }
+        return c
+    }
+
+    /// Whether anything is dirty at or before `epoch`.
+    func isDirty(upTo epoch: UInt64) -> Bool {
+        dirtyBlocks.values.contains { $0 <= epoch } || dirtyTableEntries.values.contains { $0 <= epoch }
+            || (movedTable.map { $0.epoch <= epoch } ?? false)
+    }
+}
