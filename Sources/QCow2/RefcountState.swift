@@ -95,7 +95,11 @@ struct RefcountState {
 
     /// Creates an empty refcount block for reftable index `t`, growing the table if needed.
     private mutating func createBlock(index t: Int, epoch: UInt64) {
-        if t >= table.count { grow(toCover: t, epoch: epoch) }
+        if t >= table.count {
+            grow(toCover: t, epoch: epoch)
+            // Counting the new table's own clusters may already have created this very block.
+            if blocks[t] != nil { return }
+        }
         let block = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(geometry.clusterSize), alignment: 4096)
         block.initializeMemory(as: UInt8.self, repeating: 0)
         blocks[t] = block
