@@ -18,6 +18,24 @@ struct QNBD: ParsableCommand {
             """,
         subcommands: [Serve.self],
         defaultSubcommand: nil)
+
+    /// Usage mistakes are reported as one `qnbd:` line (the operator's log stays readable); help and
+    /// version requests print as usual.
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success || error is ExitCode {
+                exit(withError: error)
+            }
+            var message = fullMessage(for: error).split(separator: "\n").first.map(String.init) ?? "\(error)"
+            if message.hasPrefix("Error: ") { message.removeFirst(7) }
+            Logger.writeLine("qnbd: \(message) (see qnbd --help)")
+            Glibc.exit(code.rawValue)
+        }
+    }
 }
 
 struct Serve: ParsableCommand {
