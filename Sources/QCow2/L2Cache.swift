@@ -70,7 +70,7 @@ struct L2Cache {
 
     /// Creates a loading slot, evicting the least recently used idle slot when over budget.
     mutating func startLoading(l1Index: Int, hostOffset: UInt64) -> L2Slot {
-        if slots.count >= capacity { evictOne() }
+        makeRoom()
         let slot = L2Slot(l1Index: l1Index, hostOffset: hostOffset, size: tableSize)
         slots[l1Index] = slot
         touch(slot)
@@ -79,7 +79,7 @@ struct L2Cache {
 
     /// Installs a slot that is ready at once (a new or copied table).
     mutating func insertReady(_ slot: L2Slot) {
-        if slots[slot.l1Index] == nil && slots.count >= capacity { evictOne() }
+        if slots[slot.l1Index] == nil { makeRoom() }
         slot.state = .ready
         slots[slot.l1Index] = slot
         touch(slot)
@@ -96,12 +96,20 @@ struct L2Cache {
 
     mutating func remove(_ l1Index: Int) { slots[l1Index] = nil }
 
-    private mutating func evictOne() {
+    /// Evicts idle slots until one more fits the budget (or none is idle): after an overflow the cache
+    /// shrinks back instead of staying over budget for good.
+    private mutating func makeRoom() {
+        while slots.count >= capacity, evictOne() {}
+    }
+
+    private mutating func evictOne() -> Bool {
         var victim: L2Slot?
         // Dirty tables stay until a flush writes them (Q5: the cache overflows rather than write early).
         for (_, s) in slots where s.state == .ready && s.pins == 0 && s.waiters.isEmpty && s.dirtyEpoch == nil {
             if victim == nil || s.lastUse < victim!.lastUse { victim = s }
         }
-        if let victim { slots[victim.l1Index] = nil }
+        guard let victim else { return false }
+        slots[victim.l1Index] = nil
+        return true
     }
 }

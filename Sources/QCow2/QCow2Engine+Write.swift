@@ -187,10 +187,10 @@ extension QCow2Engine {
                 if case .normal(_, true) = try L2Entry.decode(word, geometry: g, index: index + count) { break }
                 count += 1
             }
+            let run = refcounts!.allocateRun(upTo: count, epoch: epoch, oldestInFlight: oldestInFlight)
+            let host = run.host
+            count = run.count
             let old = (0..<count).map { slot.entry(index + $0, extended: false).word }
-            let host = count == 1
-                ? refcounts!.allocateOne(epoch: epoch, oldestInFlight: oldestInFlight)
-                : refcounts!.allocateAtEnd(count: count, epoch: epoch)
             let length = Int(UInt64(count) * cluster)
             let a = reserve(Allocation(request: id, l1Index: slot.l1Index, firstIndex: index, count: count, host: host,
                                        oldWords: old, buffer: nil, writeOffset: host,

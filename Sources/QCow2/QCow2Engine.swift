@@ -224,7 +224,11 @@ public final class QCow2Engine {
                 return
             }
             slot.state = .ready
+            // Pinned while its waiters run: one of them moving on to another table must not evict it
+            // before the next waiter has looked at it (that would load the same table twice).
+            slot.pins += 1
             wake(waiters)
+            slot.pins -= 1
         case .readData(let id):
             readDataCompleted(id, errno: errno)
         case .readCompressed(let id, let source, let destination, let copyFrom, let copyTo, let count):

@@ -85,12 +85,26 @@ struct RefcountState {
 
     /// One cluster: a reusable one whose last I/O is done if `oldestInFlight` allows, else at the end.
     mutating func allocateOne(epoch: UInt64, oldestInFlight: UInt64?) -> UInt64 {
-        if let k = reusable.firstIndex(where: { oldestInFlight == nil || $0.generation <= oldestInFlight! }) {
-            let c = reusable.remove(at: k).cluster
-            setRefcount(ofCluster: c, to: 1, epoch: epoch)
-            return c * geometry.clusterSize
+        allocateRun(upTo: 1, epoch: epoch, oldestInFlight: oldestInFlight).host
+    }
+
+    /// Up to `maximum` contiguous clusters: the lowest run of reusable clusters (first fit keeps the
+    /// file compact, as qemu does), else a run at the end of the file.
+    mutating func allocateRun(upTo maximum: Int, epoch: UInt64, oldestInFlight: UInt64?) -> (host: UInt64, count: Int) {
+        let eligible = reusable.indices.filter { oldestInFlight == nil || reusable[$0].generation <= oldestInFlight! }
+        if !eligible.isEmpty {
+            let sorted = eligible.sorted { reusable[$0].cluster < reusable[$1].cluster }
+            var run = [sorted[0]]
+            for k in sorted.dropFirst() where run.count < maximum {
+                guard reusable[k].cluster == reusable[run.last!].cluster + 1 else { break }
+                run.append(k)
+            }
+            let first = reusable[run[0]].cluster
+            for k in run.sorted(by: >) { reusable.remove(at: k) }
+            for c in 0..<UInt64(run.count) { setRefcount(ofCluster: first + c, to: 1, epoch: epoch) }
+            return (first * geometry.clusterSize, run.count)
         }
-        return allocateAtEnd(count: 1, epoch: epoch)
+        return (allocateAtEnd(count: maximum, epoch: epoch), maximum)
     }
 
     /// Creates an empty refcount block for reftable index `t`, growing the table if needed.
