@@ -26,7 +26,7 @@ MiB = 1024 * 1024
 
 class Case:
     def __init__(self, cluster=65536, refcount_bits=16, compat="1.1", backing=None, lazy=False,
-                 size=64 * MiB, backing_size=None, ops=600, connections=3, depth=8, seed=1):
+                 size=64 * MiB, backing_size=None, ops=600, connections=3, depth=8, seed=1, snapshot=False):
         self.cluster = cluster
         self.refcount_bits = refcount_bits
         self.compat = compat
@@ -38,10 +38,13 @@ class Case:
         self.connections = connections
         self.depth = depth
         self.seed = seed
+        # An internal snapshot taken before the workload: shared clusters must be copied on write
+        # and the snapshot must read back unchanged afterwards.
+        self.snapshot = snapshot
 
     def __str__(self):
-        return "cluster=%d refcount_bits=%d compat=%s backing=%s lazy=%s seed=%d" % (
-            self.cluster, self.refcount_bits, self.compat, self.backing, self.lazy, self.seed)
+        return "cluster=%d refcount_bits=%d compat=%s backing=%s lazy=%s snapshot=%s seed=%d" % (
+            self.cluster, self.refcount_bits, self.compat, self.backing, self.lazy, self.snapshot, self.seed)
 
     @property
     def v3(self):
@@ -79,6 +82,18 @@ def make_images(case, workdir, rnd):
                  image, str(case.size))
     else:
         qemu_img("create", "-q", "-f", "qcow2", "-o", opts, image, str(case.size))
+    if case.snapshot:
+        cmds = []
+        for _ in range(30):
+            off = rnd.randrange(0, case.size - 3 * case.cluster)
+            n = rnd.randrange(1, 3 * case.cluster)
+            pattern = rnd.randrange(1, 256)
+            cmds += ["-c", "write -P %d %d %d" % (pattern, off, n)]
+            model[off:off + n] = bytes([pattern]) * n
+        T.run(["qemu-io", "-f", "qcow2", image] + cmds, timeout=120)
+        qemu_img("snapshot", "-c", "s1", image)
+        with open(os.path.join(workdir, "snapshot.raw"), "wb") as f:
+            f.write(model)
     return image, model
 
 
@@ -269,6 +284,12 @@ def run_case(case, workdir=None, timeout=240):
     compare = qemu_img("compare", "-f", "raw", twin, "-F", "qcow2", image, check=False)
     if compare.returncode != 0:
         problems.append("qemu-img compare: %s%s" % (compare.stdout, compare.stderr))
+    if case.snapshot:
+        frozen = os.path.join(workdir, "s1.raw")
+        qemu_img("convert", "-f", "qcow2", "-O", "raw", "-l", "snapshot.name=s1", image, frozen)
+        compare = qemu_img("compare", "-f", "raw", os.path.join(workdir, "snapshot.raw"), "-F", "raw", frozen, check=False)
+        if compare.returncode != 0:
+            problems.append("snapshot s1 changed: %s%s" % (compare.stdout, compare.stderr))
     return problems
 
 
@@ -280,6 +301,9 @@ def matrix():
             continue   # qemu cannot make those
         size = 64 * MiB if cluster < 2 * MiB else 256 * MiB
         yield Case(cluster=cluster, refcount_bits=bits, compat=compat, backing=backing, lazy=lazy, size=size)
+    for cluster, compat in itertools.product([512, 65536], ["0.10", "1.1"]):
+        # 1-bit refcounts cannot count a snapshot's second reference, so qemu refuses those.
+        yield Case(cluster=cluster, compat=compat, snapshot=True)
 
 
 def main():
@@ -292,9 +316,11 @@ def main():
     p.add_argument("--compat", default="1.1")
     p.add_argument("--backing", choices=["raw", "qcow2"])
     p.add_argument("--lazy", action="store_true")
+    p.add_argument("--snapshot", action="store_true")
     a = p.parse_args()
     cases = list(matrix()) if a.matrix else [Case(cluster=a.cluster, refcount_bits=a.refcount_bits,
-                                                   compat=a.compat, backing=a.backing, lazy=a.lazy)]
+                                                   compat=a.compat, backing=a.backing, lazy=a.lazy,
+                                                   snapshot=a.snapshot)]
     passed = failed = 0
     for base in cases:
         for seed in range(1, a.seeds + 1):

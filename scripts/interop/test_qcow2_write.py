@@ -35,6 +35,9 @@ class DifferentialTests(unittest.TestCase):
     def test_2m_clusters_64_bit_refcounts_raw_backing(self):
         self.check(cluster=2 * MiB, refcount_bits=64, backing="raw", size=128 * MiB)
 
+    def test_internal_snapshot_is_copied_on_write_and_survives(self):
+        self.check(snapshot=True)
+
     def test_lazy_refcounts_with_backing_smaller_than_the_image(self):
         self.check(lazy=True, backing="qcow2", backing_size=40 * MiB)
 
