@@ -85,6 +85,11 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: "Threads for file I/O that cannot be served from the page cache.")
     var threads: Int = 16
 
+    @Option(name: .long, help: ArgumentHelp(
+        "qcow2 metadata cache in bytes (suffixes K, M, G); default: enough for the whole disk, at most 64M.",
+        valueName: "SIZE"))
+    var cacheSize: String?
+
     @Option(name: .long, help: "Seconds a client has to finish the handshake.")
     var handshakeTimeout: Int = 10
 
@@ -97,9 +102,26 @@ struct Serve: ParsableCommand {
         if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
         if !(1...1024).contains(threads) { throw ValidationError("--threads must be between 1 and 1024") }
         if handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1 second") }
+        if let cacheSize, Self.parseSize(cacheSize) == nil {
+            throw ValidationError("--cache-size must be a size such as 1M or 262144, not \(cacheSize)")
+        }
         if let format, ServerConfiguration.ImageFormat(rawValue: format) == nil {
             throw ValidationError("--format must be raw or qcow2, not \(format)")
         }
+    }
+
+    /// "64M", "512k", "1G" or plain bytes; binary multiples.
+    static func parseSize(_ text: String) -> Int? {
+        let units: [Character: Int] = ["k": 10, "m": 20, "g": 30, "t": 40]
+        var digits = Substring(text.lowercased())
+        if digits.hasSuffix("ib") { digits = digits.dropLast(2) } else if digits.hasSuffix("b") { digits = digits.dropLast() }
+        var shift = 0
+        if let last = digits.last, let s = units[last] {
+            shift = s
+            digits = digits.dropLast()
+        }
+        guard let value = Int(digits), value > 0, value <= Int.max >> shift else { return nil }
+        return value << shift
     }
 
     func run() throws {
@@ -116,6 +138,7 @@ struct Serve: ParsableCommand {
         configuration.maximumConnections = maxConnections
         configuration.pidFile = pidFile
         configuration.threadPoolSize = threads
+        configuration.cacheBytes = cacheSize.flatMap(Self.parseSize)
         configuration.connectionLimits.handshakeTimeoutMilliseconds = UInt64(handshakeTimeout) * 1000
         configuration.logLevel = [.info, .debug, .trace][min(verbose, 2)]
         // A client that vanishes mid-reply must cost us an EPIPE, not the process.
