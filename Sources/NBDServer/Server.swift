@@ -22,6 +22,7 @@ public final class Server {
     private var connections: [Int: Connection] = [:]
     private var nextConnectionID = 1
     private var signals: [SignalWatcher] = []
+    private var stopMailbox: Mailbox<Bool>?
     private var shutdownTimer: LoopTimer?
     private var stopping = false
     private var exitStatus: Int32 = 0
@@ -42,8 +43,22 @@ public final class Server {
         log.info("serving \(device.summary)\(configuration.readOnly ? " read-only" : "") as export \"\(configuration.exportName)\"")
         try listen()
         try installSignalHandlers()
+        do {
+            stopMailbox = try Mailbox<Bool>(loop: loop) { [unowned self] _ in self.beginShutdown() }
+        } catch {
+            throw ServerError("cannot create the stop mailbox: \(error)")
+        }
         if let pidFile = configuration.pidFile { try writePidFile(pidFile) }
     }
+
+    /// Stops the server from any thread, as SIGTERM does (for embedding and tests).
+    public var stopHandle: @Sendable () -> Void {
+        let mailbox = stopMailbox!
+        return { mailbox.post(true) }
+    }
+
+    /// The bound TCP port of the first TCP listener (useful with port 0).
+    public var tcpPort: Int? { listeners.lazy.compactMap(\.localPort).first }
 
     /// Runs the loop until shutdown completes; returns the process exit status.
     public func run() -> Int32 {
@@ -181,6 +196,7 @@ extension Server: BlockIOHandler {
         }
         for s in signals { s.close() }
         signals.removeAll()
+        stopMailbox?.close()
         if let pidFile = configuration.pidFile { unlink(pidFile) }
         log.info("stopped")
     }

@@ -1,0 +1,78 @@
+// The connection glue under pressure: pipelining past the in-flight bound, handshake timeouts and a
+// framing error that must close only its own connection.
+
+import Foundation
+import NBDProtocol
+import NBDServer
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@Suite struct ConnectionTests {
+    @Test func pipelinedRequestsBeyondTheInFlightBoundAllComplete() throws {
+        var limits = ConnectionLimits()
+        limits.maximumRequests = 4          // far below what the client sends at once
+        limits.maximumInFlightBytes = 64 << 10
+        let server = try RunningServer(image: "pipe.img", limits: limits)
+        let client = try TestClient(path: server.socketPath)
+        #expect(client.handshake() == 8 << 20)
+
+        // 200 writes of 4 KiB with distinct contents, sent without reading a single reply.
+        let count = 200
+        for i in 0..<count {
+            let block = [UInt8](repeating: UInt8(i % 251), count: 4096)
+            client.request(.write, cookie: UInt64(i), offset: UInt64(i) * 4096, length: 4096, payload: block)
+        }
+        var seen = Set<UInt64>()
+        for _ in 0..<count {
+            let r = try #require(client.reply { _ in 0 })
+            #expect(r.error == 0)
+            seen.insert(r.cookie)
+        }
+        #expect(seen == Set((0..<count).map(UInt64.init)))
+
+        // Then the same number of reads, pipelined, each checked against what was written.
+        for i in 0..<count {
+            client.request(.read, cookie: UInt64(1000 + i), offset: UInt64(i) * 4096, length: 4096)
+        }
+        for _ in 0..<count {
+            let r = try #require(client.reply { _ in 4096 })
+            #expect(r.error == 0)
+            let i = Int(r.cookie - 1000)
+            #expect(r.data == [UInt8](repeating: UInt8(i % 251), count: 4096))
+        }
+        client.request(.disconnect, cookie: 0, offset: 0, length: 0)
+        #expect(server.shutdown() == 0)
+        let file = try #require(FileManager.default.contents(atPath: server.imagePath))
+        #expect(file[0..<4096].allSatisfy { $0 == 0 })
+        #expect(file[4096 * 7..<4096 * 8].allSatisfy { $0 == 7 })
+    }
+
+    @Test func aClientThatNeverNegotiatesIsCutOff() throws {
+        var limits = ConnectionLimits()
+        limits.handshakeTimeoutMilliseconds = 300
+        let server = try RunningServer(image: "idle.img", limits: limits)
+        let client = try TestClient(path: server.socketPath)
+        #expect(client.receive(18) != nil)
+        let start = Date()
+        #expect(client.receive(1) == nil, "the server must close an idle handshake")
+        #expect(Date().timeIntervalSince(start) < 5)
+        #expect(server.shutdown() == 0)
+    }
+
+    @Test func aFramingErrorClosesOnlyItsOwnConnection() throws {
+        let server = try RunningServer(image: "frame.img", limits: ConnectionLimits())
+        let good = try TestClient(path: server.socketPath)
+        let bad = try TestClient(path: server.socketPath)
+        #expect(good.handshake() != nil)
+        #expect(bad.handshake() != nil)
+        bad.send([UInt8](repeating: 0x42, count: 28))      // not a request magic
+        #expect(bad.receive(1) == nil, "the bad connection is closed")
+        good.request(.write, cookie: 7, offset: 0, length: 3, payload: [1, 2, 3])
+        #expect(good.reply { _ in 0 }?.error == 0)
+        good.request(.read, cookie: 8, offset: 0, length: 3)
+        #expect(good.reply { _ in 3 }?.data == [1, 2, 3])
+        #expect(server.shutdown() == 0)
+    }
+}
