@@ -64,14 +64,9 @@ def create(path, options="", size=SIZE, backing=None, backing_fmt=None, cwd=None
 
 
 def compressible(seed, length):
-    """Text-like data: compresses well, but differs per cluster."""
-    words = [b"qcow2 ", b"cluster ", b"refcount ", b"%d " % seed, b"lorem ", b"ipsum\n"]
-    out = bytearray()
-    i = seed
-    while len(out) < length:
-        out += words[i % len(words)]
-        i = i * 7 + 3
-    return bytes(out[:length])
+    """Text-like data: compresses well, but differs per call."""
+    line = b"qcow2 cluster %d refcount %d lorem ipsum dolor sit amet\n" % (seed, seed * 7919)
+    return (line * (length // len(line) + 1))[:length]
 
 
 def merge(extents):
