@@ -117,6 +117,7 @@ public final class QCow2Engine {
         for (index, bytes) in blocks {
             bytes.withUnsafeBytes { state.install(index: index, bytes: $0) }
         }
+        state.collectFreeClusters()
         try self.init(header: header, l1: l1, fileSize: fileSize, backingSize: backingSize, cacheBytes: cacheBytes,
                       refcounts: state)
     }

@@ -50,6 +50,30 @@ struct RefcountState {
         blocks[index] = block
     }
 
+    /// Clusters already free in the image when it was opened (refcount 0 below the end) become
+    /// reusable at once: nothing of ours can be touching them.
+    mutating func collectFreeClusters() {
+        let perBlock = geometry.refblockCoverage
+        var c: UInt64 = 0
+        while c < endCluster {
+            let t = Int(c / perBlock)
+            guard let block = blocks[t] else {
+                // No block: every cluster of its range is free (but a range without a block is only
+                // ever past the metadata we know, so leave it to end-of-file allocation).
+                c = UInt64(t + 1) * perBlock
+                continue
+            }
+            let raw = UnsafeRawBufferPointer(block)
+            let last = min(endCluster, UInt64(t + 1) * perBlock)
+            while c < last {
+                if RefcountEntry.get(raw, index: Int(c % perBlock), order: geometry.refcountOrder) == 0 {
+                    reusable.append((c, 0))
+                }
+                c += 1
+            }
+        }
+    }
+
     func deallocate() {
         for (_, b) in blocks { b.deallocate() }
     }
