@@ -29,18 +29,22 @@ let package = Package(
         .target(name: "QCow2Driver", dependencies: ["QCow2", "BlockDevice", "UVCore", "RawDriver", "CZlib", "CZstd"]),
         // Raw files and block devices, served through UVCore's file I/O.
         .target(name: "RawDriver", dependencies: ["BlockDevice", "UVCore", "CLinux"]),
+        // Offline image tools (create, info, check, map) on plain blocking file I/O.
+        .target(name: "QCow2Tools", dependencies: ["QCow2", "BlockDevice"]),
         // Glue: listeners, connections, exports, configuration.
         .target(name: "NBDServer", dependencies: [
             "UVCore", "NBDProtocol", "BlockDevice", "RawDriver", "QCow2Driver",
         ]),
         .executableTarget(name: "qnbd", dependencies: [
             "NBDServer",
+            "QCow2Tools",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 
         .testTarget(name: "UVCoreTests", dependencies: ["UVCore"]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "QCow2Tests", dependencies: ["QCow2", "BlockDevice"]),
+        .testTarget(name: "QCow2ToolsTests", dependencies: ["QCow2Tools", "QCow2"]),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "RawDriver", "BlockDevice", "UVCore"]),
     ],
     swiftLanguageModes: [.v6]
