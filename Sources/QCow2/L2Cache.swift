@@ -31,6 +31,9 @@ final class L2Slot {
     var lastUse: UInt64 = 0
     /// Epoch of the oldest link not yet captured by a flush; nil when the table on disk is current.
     var dirtyEpoch: UInt64?
+    /// Flush snapshots of this table not yet written: until they are, the file holds an older table,
+    /// so the slot must stay even though it is no longer dirty.
+    var writebacks = 0
 
     init(l1Index: Int, hostOffset: UInt64, size: Int) {
         self.l1Index = l1Index
@@ -104,8 +107,10 @@ struct L2Cache {
 
     private mutating func evictOne() -> Bool {
         var victim: L2Slot?
-        // Dirty tables stay until a flush writes them (Q5: the cache overflows rather than write early).
-        for (_, s) in slots where s.state == .ready && s.pins == 0 && s.waiters.isEmpty && s.dirtyEpoch == nil {
+        // Dirty tables stay until a flush writes them (Q5: the cache overflows rather than write early),
+        // and so do tables whose snapshot a running flush has not written yet.
+        for (_, s) in slots where s.state == .ready && s.pins == 0 && s.waiters.isEmpty && s.dirtyEpoch == nil
+            && s.writebacks == 0 {
             if victim == nil || s.lastUse < victim!.lastUse { victim = s }
         }
         guard let victim else { return false }

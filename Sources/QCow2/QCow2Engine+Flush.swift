@@ -36,6 +36,8 @@ struct FlushState {
     var pending = 0
     var error: Int32?
     var frees: [(generation: UInt64, clusters: [UInt64])] = []
+    /// Tables whose snapshots this pipeline writes (kept in the cache until then).
+    var tables: [L2Slot] = []
 }
 
 extension QCow2Engine {
@@ -80,6 +82,8 @@ extension QCow2Engine {
             copy.copyMemory(from: UnsafeRawBufferPointer(slot.table))
             l2.append((slot.hostOffset, copy))
             slot.dirtyEpoch = nil
+            slot.writebacks += 1
+            flush.tables.append(slot)
         }
         var sectors: Set<Int> = []
         for (i, d) in l1Dirty where d <= e {
@@ -133,6 +137,7 @@ extension QCow2Engine {
             flush.syncing = false
             flush.step += 1
             guard flush.step < flush.steps.count else {
+                releaseTables(written: true)
                 retireFrees()
                 finishFlush(error: nil)
                 return
@@ -157,11 +162,22 @@ extension QCow2Engine {
             // H10: later stages must not run; what is durable is consistent because of the order.
             for s in flush.steps { for w in s.writes { w.bytes.deallocate() } }
             flush.steps = []
+            releaseTables(written: false)
             markFailed("a metadata write or sync failed (errno \(errno))")
             finishFlush(error: BlockError(errno: EIO_, message: "qcow2 metadata write failed; the image is now read-only"))
             return
         }
         advanceFlush()
+    }
+
+    /// The pipeline's table snapshots are written (or failed: then the tables stay dirty, so the cache
+    /// keeps the only current copy rather than reload an older one from the file).
+    private func releaseTables(written: Bool) {
+        for slot in flush.tables {
+            slot.writebacks -= 1
+            if !written && slot.dirtyEpoch == nil { slot.dirtyEpoch = epoch }
+        }
+        flush.tables = []
     }
 
     /// O4: the removals captured by this flush are durable; apply their refcount decreases.
