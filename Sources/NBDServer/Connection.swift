@@ -362,28 +362,24 @@ final class Connection {
     // MARK: - Replying
 
     private func reply(slot i: Int, error: NBDErrorCode, message: String = "") {
-        let r = slab[i].request
-        var message = message
-        let size = encoder.completionSize(messageLength: message.utf8.count)
-        let out = scratch(slot: i, size: size)
-        let n = message.withUTF8 { text in
-            encoder.completion(into: out, cookie: r.cookie, requestOffset: r.offset, error: error,
-                               message: UnsafeRawBufferPointer(text))
-        }
-        send(slot: i, UnsafeRawBufferPointer(start: out, count: n))
+        let n = encodeCompletion(slot: i, error: error, message: message)
+        send(slot: i, UnsafeRawBufferPointer(start: slab[i].overflow?.baseAddress ?? slab[i].headers.baseAddress!, count: n))
     }
 
     private func prepareRejection(slot i: Int, code: NBDErrorCode, reason: String) {
         // The reply is built now, while the reason is at hand, and sent once any payload is drained.
+        slab[i].received = encodeCompletion(slot: i, error: code, message: reason)
+    }
+
+    /// Writes a data-less reply (success, or an error with its message) into the slot's scratch.
+    private func encodeCompletion(slot i: Int, error: NBDErrorCode, message: String) -> Int {
         let r = slab[i].request
-        var message = reason
-        let size = encoder.completionSize(messageLength: message.utf8.count)
-        let out = scratch(slot: i, size: size)
-        let n = message.withUTF8 { text in
-            encoder.completion(into: out, cookie: r.cookie, requestOffset: r.offset, error: code,
+        var message = message
+        let out = scratch(slot: i, size: encoder.completionSize(messageLength: message.utf8.count))
+        return message.withUTF8 { text in
+            encoder.completion(into: out, cookie: r.cookie, requestOffset: r.offset, error: error,
                                message: UnsafeRawBufferPointer(text))
         }
-        slab[i].received = n
     }
 
     private func sendRejection(slot i: Int) {
