@@ -66,6 +66,44 @@ public struct Header: Equatable, Sendable {
     public var extensions: [HeaderExtension]
     public var backingFileName: String?
 
+    /// A fresh header with no tables yet, for tools that build images (`qnbd create`).
+    public init(version: UInt32, clusterBits: UInt32 = 16, size: UInt64 = 0) {
+        self.init(version: version, backingFileOffset: 0, backingFileSize: 0, clusterBits: clusterBits, size: size,
+                  cryptMethod: 0, l1Size: 0, l1TableOffset: 0, refcountTableOffset: 0, refcountTableClusters: 0,
+                  snapshotCount: 0, snapshotsOffset: 0, incompatibleFeatures: 0, compatibleFeatures: 0,
+                  autoclearFeatures: 0, refcountOrder: 4,
+                  headerLength: UInt32(version == 3 ? Self.version3MinimumLength : Self.version2Length),
+                  compressionType: 0, extensions: [], backingFileName: nil)
+    }
+
+    init(version: UInt32, backingFileOffset: UInt64, backingFileSize: UInt32, clusterBits: UInt32, size: UInt64,
+                 cryptMethod: UInt32, l1Size: UInt32, l1TableOffset: UInt64, refcountTableOffset: UInt64,
+                 refcountTableClusters: UInt32, snapshotCount: UInt32, snapshotsOffset: UInt64,
+                 incompatibleFeatures: UInt64, compatibleFeatures: UInt64, autoclearFeatures: UInt64,
+                 refcountOrder: UInt32, headerLength: UInt32, compressionType: UInt8, extensions: [HeaderExtension],
+                 backingFileName: String?) {
+        self.version = version
+        self.backingFileOffset = backingFileOffset
+        self.backingFileSize = backingFileSize
+        self.clusterBits = clusterBits
+        self.size = size
+        self.cryptMethod = cryptMethod
+        self.l1Size = l1Size
+        self.l1TableOffset = l1TableOffset
+        self.refcountTableOffset = refcountTableOffset
+        self.refcountTableClusters = refcountTableClusters
+        self.snapshotCount = snapshotCount
+        self.snapshotsOffset = snapshotsOffset
+        self.incompatibleFeatures = incompatibleFeatures
+        self.compatibleFeatures = compatibleFeatures
+        self.autoclearFeatures = autoclearFeatures
+        self.refcountOrder = refcountOrder
+        self.headerLength = headerLength
+        self.compressionType = compressionType
+        self.extensions = extensions
+        self.backingFileName = backingFileName
+    }
+
     public var clusterSize: UInt64 { 1 << UInt64(clusterBits) }
     public var extendedL2: Bool { incompatibleFeatures & FeatureBit.extendedL2 != 0 }
     public var isDirty: Bool { incompatibleFeatures & FeatureBit.dirty != 0 }

@@ -75,7 +75,7 @@ public final class QCow2Driver: BlockDevice {
             guard depth + 1 < Self.maximumChainDepth else {
                 throw BlockError(errno: ELOOP, message: "\(path): backing chain deeper than \(Self.maximumChainDepth)")
             }
-            let resolved = Self.resolve(name, relativeTo: path)
+            let resolved = resolveBackingPath(name, relativeTo: path)
             let key = Self.identity(resolved)
             guard !seen.contains(key) else {
                 throw BlockError(errno: ELOOP, message: "\(path): backing chain loops back to \(resolved)")
@@ -279,13 +279,6 @@ public final class QCow2Driver: BlockDevice {
         guard pwrite(fd, &zero, 8, off_t(Header.autoclearFeaturesOffset)) == 8, fdatasync(fd) == 0 else {
             throw BlockError(errno: errno, message: "\(path): cannot clear the autoclear feature bits")
         }
-    }
-
-    /// A backing name is relative to the folder of the image that names it, as in qemu.
-    static func resolve(_ name: String, relativeTo image: String) -> String {
-        if name.hasPrefix("/") { return name }
-        guard let slash = image.lastIndex(of: "/") else { return name }
-        return String(image[...slash]) + name
     }
 
     private static func identity(_ path: String) -> String {

@@ -206,7 +206,7 @@ public enum ImageCreator {
 
     /// Cluster 0 of the new image.
     public static func header(options: CreateOptions, layout: CreateLayout) throws(ToolError) -> [UInt8] {
-        var h = Header.blank(version: options.version)
+        var h = Header(version: options.version)
         h.clusterBits = UInt32(layout.clusterBits)
         h.size = layout.virtualSize
         h.l1Size = layout.l1Size
@@ -334,7 +334,7 @@ public enum ImageCreator {
     static func resolveBacking(path: String, options: inout CreateOptions) throws(ToolError) {
         guard let backing = options.backingFile, options.format == .qcow2 else { return }
         if backing.isEmpty { throw ToolError("the backing file name is empty") }
-        let full = combinePath(base: path, relative: backing)
+        let full = resolveBackingPath(backing, relativeTo: path)
         if full == path || backing == path {
             throw ToolError("the image cannot be its own backing file")
         }

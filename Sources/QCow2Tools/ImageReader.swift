@@ -77,31 +77,6 @@ public func probeFormat(_ storage: ImageStorage) throws(ToolError) -> ImageForma
     return magic == [0x51, 0x46, 0x49, 0xfb] ? .qcow2 : .raw
 }
 
-/// qemu's path_combine(): a relative backing file name is relative to the directory of the image that
-/// names it, not to the current directory.
-public func combinePath(base: String, relative name: String) -> String {
-    if name.hasPrefix("/") { return name }
-    guard let slash = base.lastIndex(of: "/") else { return name }
-    return String(base[...slash]) + name
-}
-
-extension Header {
-    /// `Header` has no public memberwise initializer, so a fresh one (for `create`) starts from the
-    /// smallest header that parses and then has its fields set.
-    static func blank(version: UInt32) -> Header {
-        var bytes = [UInt8](repeating: 0, count: 512)
-        bytes.putBE32(Header.magic, at: 0)
-        bytes.putBE32(version, at: 4)
-        bytes.putBE32(9, at: 20)
-        if version == 3 {
-            bytes.putBE32(4, at: 96)
-            bytes.putBE32(UInt32(Header.version3MinimumLength), at: 100)
-        }
-        // Cannot fail: the bytes above are a well-formed header.
-        return try! Header.parse(bytes)
-    }
-}
-
 /// An opened qcow2 image: header, geometry and readers for its tables.
 public final class QCow2Image {
     public let storage: ImageStorage

@@ -58,7 +58,7 @@ public struct ImageInfo: Equatable, Sendable {
         info.encrypted = h.cryptMethod != 0
         if let name = h.backingFileName {
             info.backingFilename = name
-            info.fullBackingFilename = combinePath(base: path, relative: name)
+            info.fullBackingFilename = resolveBackingPath(name, relativeTo: path)
             info.backingFormat = h.backingFormat
         }
         info.snapshots = try image.snapshots().entries

@@ -98,7 +98,7 @@ final class ChainLayer {
     func backing() -> (path: String, format: ImageFormat?)? {
         guard let image = qcow2, let name = image.header.backingFileName else { return nil }
         let format = image.header.backingFormat.flatMap(ImageFormat.init(rawValue:))
-        return (combinePath(base: self.name, relative: name), format)
+        return (resolveBackingPath(name, relativeTo: self.name), format)
     }
 
     /// Block status of `offset ..< offset + bytes` (bytes > 0, offset < length).
