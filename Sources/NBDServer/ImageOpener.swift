@@ -1,7 +1,9 @@
 // Opens the image a configuration names with the driver its format needs.
 
 import BlockDevice
+import QCow2
 import QCow2Driver
+import QCow2Tools
 import RawDriver
 import UVCore
 #if canImport(Glibc)
@@ -11,7 +13,7 @@ import Glibc
 enum ImageOpener {
     static let qcow2Magic: [UInt8] = [0x51, 0x46, 0x49, 0xfb]
 
-    static func open(_ configuration: ServerConfiguration, io: FileIO) throws(ServerError) -> BlockDevice {
+    static func open(_ configuration: ServerConfiguration, io: FileIO, log: Logger) throws(ServerError) -> BlockDevice {
         let path = configuration.imagePath
         let format: ServerConfiguration.ImageFormat
         if let f = configuration.format {
@@ -27,6 +29,7 @@ enum ImageOpener {
                 throw ServerError(error.description)
             }
         case .qcow2:
+            if !configuration.readOnly && isDirty(path) { try repair(path, log: log) }
             do {
                 return try QCow2Driver(path: path, readOnly: configuration.readOnly, io: io,
                                        cacheBytes: configuration.cacheBytes)
@@ -34,6 +37,30 @@ enum ImageOpener {
                 throw ServerError(error.description)
             }
         }
+    }
+
+    /// The dirty bit: lazy refcounts were in use when the writer stopped without closing.
+    private static func isDirty(_ path: String) -> Bool {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { Glibc.close(fd) }
+        var bytes = [UInt8](repeating: 0, count: 80)
+        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 80, 0) }
+        guard n == 80, bytes[4..<8] == [0, 0, 0, 3] else { return false }
+        return bytes[79] & UInt8(FeatureBit.dirty) != 0
+    }
+
+    /// O5: a dirty image's refcounts may be stale, so they are rebuilt from the tables before anything
+    /// is allocated from them; the repair clears the dirty bit when it leaves nothing broken.
+    private static func repair(_ path: String, log: Logger) throws(ServerError) {
+        log.warning("\(path): the dirty bit is set (lazy refcounts, unclean stop); repairing refcounts before serving")
+        let report = ImageChecker.check(path: path, repair: .all)
+        let result = report.final
+        guard report.failure == nil, result.corruptions == 0, !isDirty(path) else {
+            let why = report.failure ?? "\(result.corruptions) errors remain"
+            throw ServerError("\(path): repairing the dirty image failed (\(why)); run `qemu-img check -r all` or serve it with --read-only")
+        }
+        log.warning("\(path): repaired \(result.corruptionsFixed) refcount errors and \(result.leaksFixed) leaks")
     }
 
     private static func detect(_ path: String) throws(ServerError) -> ServerConfiguration.ImageFormat {

@@ -38,7 +38,7 @@ public final class Server {
         }
         io = FileIO(loop: loop)
         pool = BufferPool()
-        let device = try ImageOpener.open(configuration, io: io)
+        let device = try ImageOpener.open(configuration, io: io, log: log)
         export = Export(name: configuration.exportName, description: configuration.description, device: device)
         log.info("serving \(device.summary)\(configuration.readOnly ? " read-only" : "") as export \"\(configuration.exportName)\"")
         try listen()
