@@ -31,8 +31,10 @@ enum ImageOpener {
         case .qcow2:
             if !configuration.readOnly && isDirty(path) { try repair(path, log: log) }
             do {
-                return try QCow2Driver(path: path, readOnly: configuration.readOnly, io: io,
-                                       cacheBytes: configuration.cacheBytes)
+                let driver = try QCow2Driver(path: path, readOnly: configuration.readOnly, io: io,
+                                             cacheBytes: configuration.cacheBytes)
+                driver.onFailure = { log.error($0) }
+                return driver
             } catch {
                 throw ServerError(error.description)
             }

@@ -32,6 +32,7 @@ extension QCow2Engine {
                 do {
                     try readMapped(id, slot: slot, limit: min(remaining, tableEnd - guest))
                 } catch {
+                    markCorrupt(error.description)
                     failRead(id, BlockError(errno: EIO_, message: error.description))
                     return
                 }

@@ -77,6 +77,7 @@ extension QCow2Engine {
                     position = runEnd
                 }
             } catch {
+                markCorrupt(error.description)
                 let r = statuses.remove(id)
                 outbox.append(.complete(r.tag, .failed(BlockError(errno: EIO_, message: error.description))))
                 return

@@ -90,7 +90,7 @@ extension QCow2Engine {
                     trimCluster(id, slot: slot, index: index, mapping: mapping, inCluster: inCluster, segment: segment)
                 }
             } catch {
-                markFailed(error.description)
+                markCorrupt(error.description)
                 failWrite(id, BlockError(errno: EIO_, message: error.description))
                 return
             }

@@ -69,6 +69,7 @@ public final class QCow2Engine {
         case cowDecompress(allocation: Int, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer)
         case flushStep(buffer: UnsafeMutableRawBufferPointer?)
         case punch(cluster: UInt64, count: UInt64)
+        case headerUpdate(buffer: UnsafeMutableRawBufferPointer)
     }
 
     /// - Parameters:
@@ -255,6 +256,8 @@ public final class QCow2Engine {
             flushStepCompleted(errno: errno)
         case .punch(let cluster, let count):
             punchCompleted(cluster: cluster, count: count)
+        case .headerUpdate(let buffer):
+            buffer.deallocate()
         }
     }
 
@@ -272,6 +275,20 @@ public final class QCow2Engine {
     /// consistent because every stage waits for the one before it.
     func markFailed(_ reason: String) {
         if failure == nil { failure = reason }
+    }
+
+    /// Metadata is inconsistent (an entry points outside the file, reserved bits are set, ...): stop
+    /// writing, and set the corrupt bit so that no writer, qemu included, trusts the image until it
+    /// has been repaired. Reads of sound clusters go on.
+    func markCorrupt(_ reason: String) {
+        guard failure == nil else { return }
+        markFailed("metadata is corrupt: \(reason)")
+        guard writable, header.version >= 3 else { return }
+        let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
+        bytes.setBE64(header.incompatibleFeatures | FeatureBit.corrupt, at: 0)
+        let token = issue(.headerUpdate(buffer: bytes))
+        outbox.append(.writeFile(token, offset: Header.incompatibleFeaturesOffset, from: UnsafeRawBufferPointer(bytes),
+                                 dsync: true))
     }
 }
 

@@ -26,6 +26,10 @@ public final class QCow2Driver: BlockDevice {
     private let io: FileIO
     private var callers = CallerTable()
     private var pumping = false
+    private var failureReported = false
+    /// Called once, on the loop, when the image turns read-only after an error (the reason names the
+    /// structure or the failed write), so the operator sees why in the log.
+    public var onFailure: ((String) -> Void)?
     private var closing: (tag: UInt64, handler: BlockIOHandler, passes: Int)?
 
     /// Longest backing chain accepted; deeper chains are refused as a likely loop or attack.
@@ -192,6 +196,10 @@ public final class QCow2Driver: BlockDevice {
         defer { pumping = false }
         while engine.hasActions {
             for action in engine.takeActions() { execute(action) }
+        }
+        if !failureReported, let failure = engine.failure {
+            failureReported = true
+            onFailure?("\(path): \(failure); the image is read-only from now on")
         }
     }
 

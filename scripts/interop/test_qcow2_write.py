@@ -178,6 +178,36 @@ class QCow2OpenTests(unittest.TestCase):
         with open(img, "rb") as f:
             self.assertEqual(f.read(80)[72:80], bytes(8), "the dirty bit is cleared")
 
+    def test_a_corrupt_entry_fails_its_request_and_marks_the_image_corrupt(self):
+        d = T.new_workdir(self.id())
+        img = os.path.join(d, "bad.qcow2")
+        qemu_img("create", "-q", "-f", "qcow2", img, str(16 * MiB))
+        T.run(["qemu-io", "-f", "qcow2", img, "-c", "write -P 7 0 128k", "-c", "write -P 9 1M 64k"])
+        with open(img, "r+b") as f:
+            data = bytearray(f.read())
+            l1 = int.from_bytes(data[40:48], "big")
+            l2 = int.from_bytes(data[l1:l1 + 8], "big") & 0x00FFFFFFFFFFFE00
+            # The second cluster's entry now points 1 TiB past the end of the file.
+            data[l2 + 8:l2 + 16] = ((1 << 63) | (1 << 40)).to_bytes(8, "big")
+            f.seek(0)
+            f.write(data)
+        srv = T.Server(d, img).start()
+        h = T.nbd.NBD()
+        h.connect_uri(srv.uri())
+        self.assertEqual(h.pread(65536, 0), b"\x07" * 65536)
+        with self.assertRaises(T.nbd.Error) as e:
+            h.pread(65536, 65536)
+        self.assertEqual(e.exception.errnum, T.errno.EIO)
+        self.assertEqual(h.pread(65536, MiB), b"\x09" * 65536, "sound clusters still read")
+        with self.assertRaises(T.nbd.Error):
+            h.pwrite(b"x" * 4096, 2 * MiB)
+        h.shutdown()
+        self.assertEqual(srv.stop(), 0)
+        self.assertIn("lies outside the image file", srv.log())
+        with open(img, "rb") as f:
+            self.assertTrue(int.from_bytes(f.read(80)[72:80], "big") & 2, "the corrupt bit is set")
+        self.assertEqual(os.path.getsize(img), len(data), "nothing was written outside the image")
+
     def test_autoclear_bits_are_cleared_on_a_writable_open(self):
         d = T.new_workdir(self.id())
         img = os.path.join(d, "bm.qcow2")
