@@ -48,6 +48,11 @@ final class L2Slot {
         table.setBE64(word, at: index * (extended ? 16 : 8))
     }
 
+    @inline(__always)
+    func setBitmap(_ index: Int, _ bitmap: UInt64) {
+        table.setBE64(bitmap, at: index * 16 + 8)
+    }
+
     /// Raw first word of entry `index` (the mapping), and the subcluster bitmap for extended L2.
     @inline(__always)
     func entry(_ index: Int, extended: Bool) -> (word: UInt64, bitmap: UInt64) {

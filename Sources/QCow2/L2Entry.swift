@@ -85,6 +85,10 @@ public enum L2Entry {
         }
     }
 
+    /// Extended L2 bitmaps: every subcluster allocated; every subcluster reading as zero.
+    public static let allAllocated: UInt64 = 0xffff_ffff
+    public static let allZero: UInt64 = 0xffff_ffff << 32
+
     /// An entry for `host` with COPIED set: refcount 1, written in place from now on.
     public static func normal(host: UInt64) -> UInt64 { host | copied }
 }

@@ -37,9 +37,11 @@ extension QCow2Engine {
         return isWhole(offset: offset, length: length)
     }
 
-    private func isWhole(offset: UInt64, length: UInt64) -> Bool {
+    func isWhole(offset: UInt64, length: UInt64) -> Bool {
+        // With extended L2, whole subclusters are enough: each has its own zero bit.
+        let unit = geometry.extendedL2 ? geometry.subclusterSize : geometry.clusterSize
         let end = offset + length
-        return geometry.offsetInCluster(offset) == 0 && (geometry.offsetInCluster(end) == 0 || end == geometry.virtualSize)
+        return offset % unit == 0 && (end % unit == 0 || end == geometry.virtualSize)
     }
 
     private func startWrite(tag: RequestTag, offset: UInt64, length: UInt64, kind: WriteRequest.Kind, fua: Bool) {
@@ -77,6 +79,10 @@ extension QCow2Engine {
             let inCluster = g.offsetInCluster(guest)
             let segment = min(g.clusterSize - inCluster, writes[id].length - writes[id].position)
             do {
+                if g.extendedL2 {
+                    try writeExtended(id, slot: slot, index: index, inCluster: inCluster, segment: segment)
+                    continue
+                }
                 let mapping = try L2Entry.decode(slot.entry(index, extended: false).word, geometry: g, index: index)
                 switch writes[id].kind {
                 case .data(let buffer):
@@ -140,13 +146,13 @@ extension QCow2Engine {
         if l1Dirty[index] == nil { l1Dirty[index] = epoch }
     }
 
-    private func markDirty(_ slot: L2Slot) {
+    func markDirty(_ slot: L2Slot) {
         if slot.dirtyEpoch == nil { slot.dirtyEpoch = epoch }
     }
 
     /// Writes `source` (starting at the cursor) into the cluster at `index` and, when it can, the
     /// clusters after it.
-    private func writeData(_ id: Int, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64,
+    func writeData(_ id: Int, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64,
                            source: UnsafeRawBufferPointer, maxClusters: Int) throws(QCow2Error) {
         let g = geometry
         let cluster = g.clusterSize
@@ -161,7 +167,7 @@ extension QCow2Engine {
             var expected = host + cluster
             while length < remaining && next < g.l2Entries && next - index < maxClusters,
                   reservations[guestCluster + UInt64(next - index)] == nil,
-                  case .normal(let h, true) = try L2Entry.decode(slot.entry(next, extended: false).word, geometry: g, index: next),
+                  case .normal(let h, true) = try L2Entry.decode(slot.entry(next, extended: g.extendedL2).word, geometry: g, index: next),
                   h == expected {
                 length += min(cluster, remaining - length)
                 expected += cluster
@@ -183,14 +189,14 @@ extension QCow2Engine {
             var count = 1
             while count < maxClusters && UInt64(count + 1) * cluster <= remaining && index + count < g.l2Entries,
                   reservations[guestCluster + UInt64(count)] == nil {
-                let word = slot.entry(index + count, extended: false).word
+                let word = slot.entry(index + count, extended: g.extendedL2).word
                 if case .normal(_, true) = try L2Entry.decode(word, geometry: g, index: index + count) { break }
                 count += 1
             }
             let run = refcounts!.allocateRun(upTo: count, epoch: epoch, oldestInFlight: oldestInFlight)
             let host = run.host
             count = run.count
-            let old = (0..<count).map { slot.entry(index + $0, extended: false).word }
+            let old = (0..<count).map { slot.entry(index + $0, extended: g.extendedL2).word }
             let length = Int(UInt64(count) * cluster)
             let a = reserve(Allocation(request: id, l1Index: slot.l1Index, firstIndex: index, count: count, host: host,
                                        oldWords: old, buffer: nil, writeOffset: host,
@@ -213,7 +219,7 @@ extension QCow2Engine {
         case .unallocated: readsZero = backingSize.map { guestCluster * cluster >= $0 } ?? true
         case .normal, .compressed: readsZero = false
         }
-        let old = [slot.entry(index, extended: false).word]
+        let old = [slot.entry(index, extended: g.extendedL2).word]
         let data = UnsafeRawBufferPointer(rebasing: source[0..<Int(length)])
         writes[id].pending += 1
         writes[id].position += length
@@ -235,7 +241,7 @@ extension QCow2Engine {
         if allocations[a].pendingCOW == 0 { issueAllocationWrite(a) }
     }
 
-    private func reserve(_ allocation: Allocation, slot: L2Slot, guestCluster: UInt64) -> Int {
+    func reserve(_ allocation: Allocation, slot: L2Slot, guestCluster: UInt64) -> Int {
         let a = allocations.insert(allocation)
         for k in 0..<UInt64(allocation.count) { reservations[guestCluster + k] = a }
         slot.pins += 1
@@ -243,7 +249,10 @@ extension QCow2Engine {
     }
 
     /// Fills `gaps` of the allocation's buffer with the guest view of the old cluster (H4, H5).
-    private func copyOnWrite(_ a: Int, mapping: ClusterMapping, guestCluster: UInt64, gaps: [Range<Int>]) throws(QCow2Error) {
+    /// `origin` is the offset in the cluster that the buffer's first byte stands for (non-zero when only
+    /// some subclusters are assembled); `gaps` are in buffer coordinates.
+    func copyOnWrite(_ a: Int, mapping: ClusterMapping, guestCluster: UInt64, gaps: [Range<Int>],
+                     origin: Int = 0) throws(QCow2Error) {
         let buffer = allocations[a].buffer!
         let cluster = geometry.clusterSize
         func zero(_ r: Range<Int>) { UnsafeMutableRawBufferPointer(rebasing: buffer[r]).initializeMemory(as: UInt8.self, repeating: 0) }
@@ -251,7 +260,7 @@ extension QCow2Engine {
         case .zero, .zeroAllocated:
             gaps.forEach(zero)
         case .unallocated:
-            let base = guestCluster * cluster
+            let base = guestCluster * cluster + UInt64(origin)
             for gap in gaps {
                 let backed = backingSize.map { $0 > base + UInt64(gap.lowerBound) ? Int(min(UInt64(gap.upperBound), $0 - base)) : gap.lowerBound } ?? gap.lowerBound
                 if backed > gap.lowerBound {
@@ -269,7 +278,7 @@ extension QCow2Engine {
             for gap in gaps {
                 let token = issue(.cowRead(allocation: a))
                 allocations[a].pendingCOW += 1
-                outbox.append(.readFile(token, offset: host + UInt64(gap.lowerBound),
+                outbox.append(.readFile(token, offset: host + UInt64(origin + gap.lowerBound),
                                         into: UnsafeMutableRawBufferPointer(rebasing: buffer[gap])))
             }
         case .compressed(let host, let byteCount):
@@ -281,11 +290,12 @@ extension QCow2Engine {
             let token = issue(.cowCompressed(allocation: a, source: source, scratch: scratch))
             allocations[a].pendingCOW += 1
             allocations[a].cowGaps = gaps
+            allocations[a].cowOrigin = origin
             outbox.append(.readFile(token, offset: host, into: source))
         }
     }
 
-    private func issueAllocationWrite(_ a: Int) {
+    func issueAllocationWrite(_ a: Int) {
         let token = issue(.allocationWrite(allocation: a))
         outbox.append(.writeFile(token, offset: allocations[a].writeOffset, from: allocations[a].source, dsync: false))
     }
@@ -312,7 +322,8 @@ extension QCow2Engine {
         source.deallocate()
         if errno == nil, let buffer = allocations[a].buffer {
             for gap in allocations[a].cowGaps {
-                (buffer.baseAddress! + gap.lowerBound).copyMemory(from: scratch.baseAddress! + gap.lowerBound, byteCount: gap.count)
+                (buffer.baseAddress! + gap.lowerBound).copyMemory(from: scratch.baseAddress! + allocations[a].cowOrigin + gap.lowerBound,
+                                                                  byteCount: gap.count)
             }
         }
         scratch.deallocate()
@@ -330,17 +341,21 @@ extension QCow2Engine {
         slot?.pins -= 1
         let id = allocation.request
         if let errno {
-            // Never linked: the new clusters go back to the allocator once nothing can be writing them.
-            queueFree(clusters: (0..<UInt64(allocation.count)).map { allocation.host / g.clusterSize + $0 })
+            // Never linked: the new clusters go back to the allocator once nothing can be writing them
+            // (a fill-in of subclusters wrote into a cluster that stays ours).
+            if allocation.freesOld { queueFree(clusters: (0..<UInt64(allocation.count)).map { allocation.host / g.clusterSize + $0 }) }
             if writes[id].error == nil { writes[id].error = BlockError(errno: errno) }
         } else if let slot {
             unsyncedData = true
             for k in 0..<allocation.count {
                 // O2: the data is in the file now; the flush makes it durable (sync #1) before this
                 // entry is written (stage C).
-                slot.setEntry(allocation.firstIndex + k, word: L2Entry.normal(host: allocation.host + UInt64(k) * g.clusterSize),
-                              extended: false)
-                queueFree(word: allocation.oldWords[k])
+                let word = L2Entry.normal(host: allocation.host + UInt64(k) * g.clusterSize)
+                slot.setEntry(allocation.firstIndex + k, word: word, extended: g.extendedL2)
+                if g.extendedL2 {
+                    slot.setBitmap(allocation.firstIndex + k, allocation.bitmap ?? L2Entry.allAllocated)
+                }
+                if allocation.freesOld { queueFree(word: allocation.oldWords[k]) }
             }
             markDirty(slot)
         }
@@ -407,7 +422,7 @@ extension QCow2Engine {
     }
 
     /// A metadata-only change of one entry; the old cluster is freed once the change is durable.
-    private func setEntry(_ slot: L2Slot, _ index: Int, _ word: UInt64) {
+    func setEntry(_ slot: L2Slot, _ index: Int, _ word: UInt64) {
         let old = slot.entry(index, extended: false).word
         guard old != word else { return }
         slot.setEntry(index, word: word, extended: false)

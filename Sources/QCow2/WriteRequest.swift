@@ -54,6 +54,13 @@ struct Allocation {
     var writeOffset: UInt64
     var source: UnsafeRawBufferPointer
     var pendingCOW = 0
+    /// Extended L2: the subcluster bitmap to link with (nil: every subcluster allocated).
+    var bitmap: UInt64?
+    /// Whether the old entries lose their clusters at the link (false when subclusters are filled in
+    /// inside a cluster that is already ours).
+    var freesOld = true
+    /// The cluster offset that the assembly buffer's first byte stands for.
+    var cowOrigin = 0
     /// Ranges of the buffer a compressed old cluster fills once inflated.
     var cowGaps: [Range<Int>] = []
     var error: Int32?

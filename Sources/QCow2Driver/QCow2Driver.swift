@@ -67,10 +67,6 @@ public final class QCow2Driver: BlockDevice {
             throw BlockError(errno: EINVAL, message: "\(path): qcow2 header: the dirty bit is set (lazy refcounts after a crash); "
                 + "repair it with `qemu-img check -r all` or serve it with --read-only")
         }
-        if writable && header.extendedL2 {
-            throw BlockError(errno: ENOTSUP, message: "\(path): writing images with extended L2 entries is not implemented yet; "
-                + "serve it with --read-only")
-        }
         let l1Bytes = try Self.preadAll(fd, count: Int(header.l1Size) * 8, offset: header.l1TableOffset, path: path)
         let l1 = (0..<Int(header.l1Size)).map { l1Bytes.be64At($0 * 8) }
 

@@ -26,7 +26,8 @@ MiB = 1024 * 1024
 
 class Case:
     def __init__(self, cluster=65536, refcount_bits=16, compat="1.1", backing=None, lazy=False,
-                 size=64 * MiB, backing_size=None, ops=600, connections=3, depth=8, seed=1, snapshot=False):
+                 size=64 * MiB, backing_size=None, ops=600, connections=3, depth=8, seed=1, snapshot=False,
+                 extended_l2=False):
         self.cluster = cluster
         self.refcount_bits = refcount_bits
         self.compat = compat
@@ -41,10 +42,12 @@ class Case:
         # An internal snapshot taken before the workload: shared clusters must be copied on write
         # and the snapshot must read back unchanged afterwards.
         self.snapshot = snapshot
+        self.extended_l2 = extended_l2
 
     def __str__(self):
-        return "cluster=%d refcount_bits=%d compat=%s backing=%s lazy=%s snapshot=%s seed=%d" % (
-            self.cluster, self.refcount_bits, self.compat, self.backing, self.lazy, self.snapshot, self.seed)
+        return "cluster=%d refcount_bits=%d compat=%s backing=%s lazy=%s snapshot=%s extended_l2=%s seed=%d" % (
+            self.cluster, self.refcount_bits, self.compat, self.backing, self.lazy, self.snapshot,
+            self.extended_l2, self.seed)
 
     @property
     def v3(self):
@@ -62,6 +65,8 @@ def make_images(case, workdir, rnd):
     opts = "cluster_size=%d,refcount_bits=%d,compat=%s" % (case.cluster, case.refcount_bits, case.compat)
     if case.lazy:
         opts += ",lazy_refcounts=on"
+    if case.extended_l2:
+        opts += ",extended_l2=on"
     if case.backing:
         base = os.path.join(workdir, "base." + case.backing)
         with open(os.path.join(workdir, "base.raw"), "wb") as f:
@@ -135,7 +140,8 @@ class Workload:
         return off, length
 
     def trim_effect(self, off, length):
-        """What TRIM does to the guest view: whole clusters read as zeros (v3, or without backing)."""
+        """What TRIM does to the guest view: whole clusters read as zeros (v3, or without backing);
+        the rest of a cluster keeps its data (TRIM is advisory)."""
         if self.case.backing and not self.case.v3:
             return
         c = self.case.cluster
@@ -304,6 +310,9 @@ def matrix():
     for cluster, compat in itertools.product([512, 65536], ["0.10", "1.1"]):
         # 1-bit refcounts cannot count a snapshot's second reference, so qemu refuses those.
         yield Case(cluster=cluster, compat=compat, snapshot=True)
+    for cluster, backing, snapshot in itertools.product([16384, 65536, 2 * MiB], [None, "qcow2", "raw"], [False, True]):
+        yield Case(cluster=cluster, backing=backing, extended_l2=True, snapshot=snapshot,
+                   size=64 * MiB if cluster < 2 * MiB else 256 * MiB)
 
 
 def main():
@@ -317,10 +326,11 @@ def main():
     p.add_argument("--backing", choices=["raw", "qcow2"])
     p.add_argument("--lazy", action="store_true")
     p.add_argument("--snapshot", action="store_true")
+    p.add_argument("--extended-l2", action="store_true")
     a = p.parse_args()
     cases = list(matrix()) if a.matrix else [Case(cluster=a.cluster, refcount_bits=a.refcount_bits,
                                                    compat=a.compat, backing=a.backing, lazy=a.lazy,
-                                                   snapshot=a.snapshot)]
+                                                   snapshot=a.snapshot, extended_l2=a.extended_l2)]
     passed = failed = 0
     for base in cases:
         for seed in range(1, a.seeds + 1):

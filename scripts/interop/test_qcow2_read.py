@@ -383,13 +383,13 @@ class Qcow2Refused(Qcow2ReadCase):
         msg = self.refuse(img)
         self.assertIn("L1 table", msg)
 
-    def test_writable_serve_refuses_what_it_cannot_write(self):
-        # qcow2 writes exist now (test_qcow2_write.py), but not for extended L2 images: without -r
-        # the server must exit, saying writing them is not implemented.
-        img = self.standard("extended_l2=on")
+    def test_encrypted_image_is_refused(self):
+        # LUKS-encrypted qcow2: qnbd does not implement encryption, so it must say so and not serve.
+        img = self.path("enc.qcow2")
+        T.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=sec0,data=abc123",
+               "-o", "encrypt.format=luks,encrypt.key-secret=sec0", img, "16M"])
         msg = self.refuse(img, read_only=False)
-        self.assertIn("not implemented", msg)
-
+        self.assertIn("encrypted", msg)
 
 if __name__ == "__main__":
     T.main()

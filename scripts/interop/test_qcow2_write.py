@@ -35,6 +35,12 @@ class DifferentialTests(unittest.TestCase):
     def test_2m_clusters_64_bit_refcounts_raw_backing(self):
         self.check(cluster=2 * MiB, refcount_bits=64, backing="raw", size=128 * MiB)
 
+    def test_extended_l2_subclusters_over_a_backing_file(self):
+        self.check(extended_l2=True, backing="qcow2")
+
+    def test_extended_l2_16k_clusters_with_a_snapshot(self):
+        self.check(extended_l2=True, cluster=16384, snapshot=True)
+
     def test_internal_snapshot_is_copied_on_write_and_survives(self):
         self.check(snapshot=True)
 
