@@ -48,6 +48,7 @@ final class Connection {
     private let pool: BufferPool
     private let log: Logger
     private let limits: ConnectionLimits
+    private let budget: MemoryBudget
 
     private(set) var phase: Phase = .handshaking
     private var handshake: Handshake?
@@ -75,7 +76,7 @@ final class Connection {
     private var closeAfterWrites = false
 
     init(id: Int, stream: SocketStream, server: Server, export: Export, pool: BufferPool, log: Logger,
-         limits: ConnectionLimits, loop: EventLoop) {
+         limits: ConnectionLimits, budget: MemoryBudget, loop: EventLoop) {
         self.id = id
         self.stream = stream
         self.server = server
@@ -83,6 +84,7 @@ final class Connection {
         self.pool = pool
         self.log = log
         self.limits = limits
+        self.budget = budget
         self.staging = .allocate(byteCount: Self.stagingSize, alignment: 16)
         self.handshake = Handshake(exports: [export.descriptor])
         let timer = LoopTimer(loop: loop)
@@ -256,6 +258,16 @@ final class Connection {
             close()
             return false
         }
+        // The shared budget is checked with the request's real cost, so all connections together
+        // never hold more than the budget (one request may exceed it when nothing else is held).
+        let cost = request.type == NBDCommand.read.rawValue || request.type == NBDCommand.write.rawValue
+            ? Int(min(request.length, UInt64(Export.maximumPayload))) : 0
+        if cost > 0 && budget.used > 0 && budget.used + cost > budget.limit {
+            budget.wait(self)
+            readingPaused = true
+            stopReading()
+            return false
+        }
         stagingStart += headerSize
         switch validator.validate(request) {
         case .execute(let command, let payload):
@@ -266,6 +278,7 @@ final class Connection {
                 let buffer = pool.take(count: payload)
                 slab[i].buffer = buffer
                 inFlightBytes += payload
+                budget.take(payload)
                 let n = min(payload, stagedCount)
                 if n > 0 {
                     buffer.bytes.baseAddress!.copyMemory(from: staging.baseAddress! + stagingStart, byteCount: n)
@@ -318,6 +331,7 @@ final class Connection {
             let buffer = pool.take(count: Int(r.length))
             slab[i].buffer = buffer
             inFlightBytes += Int(r.length)
+            budget.take(Int(r.length))
             device.read(offset: r.offset, into: buffer.bytes, tag: tag, handler: self)
         case .write:
             let bytes = slab[i].buffer.map { UnsafeRawBufferPointer($0.bytes) } ?? UnsafeRawBufferPointer(start: nil, count: 0)
@@ -530,7 +544,10 @@ final class Connection {
     }
 
     private func release(slot i: Int) {
-        if let b = slab[i].buffer { inFlightBytes -= b.bytes.count }
+        if let b = slab[i].buffer {
+            inFlightBytes -= b.bytes.count
+            budget.give(b.bytes.count)
+        }
         slab.release(i, pool: pool)
         if readingPaused && phase == .transmitting && !disconnectRequested
             && slab.active <= limits.maximumRequests / 2 && inFlightBytes <= limits.maximumInFlightBytes / 2 {
@@ -561,7 +578,17 @@ final class Connection {
         stream.close()
     }
 
+    /// The shared budget has room again: resume if nothing local holds the connection back.
+    func budgetAvailable() {
+        guard readingPaused, phase == .transmitting, !disconnectRequested,
+              slab.active <= limits.maximumRequests / 2, inFlightBytes <= limits.maximumInFlightBytes / 2 else { return }
+        readingPaused = false
+        startReading()
+        processInput()
+    }
+
     fileprivate func didClose() {
+        budget.forget(self)
         streamClosed = true
         phase = .closed
         handshakeTimer?.close()
@@ -605,8 +632,9 @@ extension Connection: BlockIOHandler {
 public struct ConnectionLimits: Sendable {
     /// Requests in flight (including replies not yet written) before reading pauses.
     public var maximumRequests = 256
-    /// Payload and read bytes in flight before reading pauses.
-    public var maximumInFlightBytes = 128 << 20
+    /// Payload and read bytes in flight before reading pauses: room for a few maximum-size requests
+    /// (the shared budget in ServerConfiguration bounds all connections together).
+    public var maximumInFlightBytes = 64 << 20
     /// A client must finish the handshake within this time.
     public var handshakeTimeoutMilliseconds: UInt64 = 10_000
 

@@ -17,6 +17,7 @@ public final class Server {
     private let loop: EventLoop
     private let io: FileIO
     private let pool: BufferPool
+    private let budget: MemoryBudget
     private let export: Export
     private var listeners: [Listener] = []
     private var connections: [Int: Connection] = [:]
@@ -37,7 +38,9 @@ public final class Server {
             throw ServerError("cannot create the event loop: \(error)")
         }
         io = FileIO(loop: loop)
-        pool = BufferPool()
+        // The pool keeps freed buffers for reuse; a quarter of the budget is enough to avoid churn.
+        pool = BufferPool(maximumCachedBytes: configuration.memoryBudgetBytes / 4)
+        budget = MemoryBudget(limit: configuration.memoryBudgetBytes)
         let device = try ImageOpener.open(configuration, io: io, log: log)
         export = Export(name: configuration.exportName, description: configuration.description, device: device)
         log.info("serving \(device.summary)\(configuration.readOnly ? " read-only" : "") as export \"\(configuration.exportName)\"")
@@ -176,7 +179,7 @@ extension Server: ListenerDelegate {
         let id = nextConnectionID
         nextConnectionID += 1
         let connection = Connection(id: id, stream: stream, server: self, export: export, pool: pool, log: log,
-                                    limits: configuration.connectionLimits, loop: loop)
+                                    limits: configuration.connectionLimits, budget: budget, loop: loop)
         connections[id] = connection
         log.debug("connection \(id) from \(stream.peerDescription)")
         connection.start()

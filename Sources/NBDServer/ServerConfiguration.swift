@@ -32,6 +32,8 @@ public struct ServerConfiguration: Sendable {
     /// qcow2 metadata cache budget in bytes; nil picks one that maps the whole disk, up to 64 MiB.
     public var cacheBytes: Int?
     public var connectionLimits = ConnectionLimits()
+    /// Request and reply bytes all connections together may hold before they stop reading.
+    public var memoryBudgetBytes = 256 << 20
 
     public init(imagePath: String) {
         self.imagePath = imagePath
