@@ -245,7 +245,7 @@ public struct Header: Equatable, Sendable {
         guard l1TableOffset % cluster == 0, (l1Size == 0 || l1TableOffset != 0) else {
             throw QCow2Error("L1 table", "offset \(hex(l1TableOffset)) is not cluster aligned")
         }
-        guard l1TableOffset + UInt64(l1Size) * 8 <= fileSize else {
+        guard l1TableOffset <= fileSize, UInt64(l1Size) * 8 <= fileSize - l1TableOffset else {
             throw QCow2Error("L1 table", "\(l1Size) entries at \(hex(l1TableOffset)) run past the end of the file (\(fileSize) bytes)")
         }
         guard refcountTableOffset % cluster == 0, refcountTableOffset != 0 else {
@@ -254,7 +254,8 @@ public struct Header: Equatable, Sendable {
         guard refcountTableClusters > 0, UInt64(refcountTableClusters) * cluster <= 8 << 20 else {
             throw QCow2Error("refcount table", "\(refcountTableClusters) clusters is outside 1 cluster ... 8 MiB")
         }
-        guard refcountTableOffset + UInt64(refcountTableClusters) * cluster <= fileSize + cluster else {
+        guard refcountTableOffset <= fileSize + cluster,
+              UInt64(refcountTableClusters) * cluster <= fileSize + cluster - refcountTableOffset else {
             throw QCow2Error("refcount table", "at \(hex(refcountTableOffset)) runs past the end of the file")
         }
         if snapshotCount > 0 {
