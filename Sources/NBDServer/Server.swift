@@ -80,19 +80,24 @@ public final class Server {
         var addresses = configuration.listen
         if addresses.isEmpty { addresses = [.tcp(host: "::", port: 10809)] }
         for address in addresses {
+            var listener: Listener?
             do {
-                let listener: Listener
                 switch address {
                 case .tcp(let host, let port):
                     listener = try tcpListener(host: host, port: port)
                 case .unix(let path):
                     listener = try Listener.unix(loop: loop, path: path)
                 }
-                listener.delegate = self
-                try listener.start()
-                listeners.append(listener)
-                log.info("listening on \(listener.localDescription)")
+                try listener!.start()
+                listener!.delegate = self
+                listeners.append(listener!)
+                log.info("listening on \(listener!.localDescription)")
             } catch {
+                // Give every handle back before failing, so nothing outlives the server that made it.
+                listener?.close()
+                for l in listeners { l.close() }
+                listeners.removeAll()
+                loop.runNoWait()
                 throw ServerError("cannot listen on \(address): \(error)")
             }
         }

@@ -294,7 +294,7 @@ struct EngineFlushTests {
                 }
             }
         }
-        shell.afterStep = {
+        shell.afterStep = { [unowned shell] in
             let check = ImageCheck(shell.file, written: shell.written)
             for p in check.problems.prefix(3) { Issue.record(Comment(rawValue: "file: \(p)")) }
         }
@@ -378,7 +378,7 @@ struct EngineFlushTests {
             for p in check.problems.prefix(3) { Issue.record(Comment(rawValue: "sync point \(points): \(p)")) }
             checkDurable(durable, "sync point \(points)")
         }
-        shell.afterStep = {
+        shell.afterStep = { [unowned shell] in
             step += 1
             for tag in shell.finished[seen...] where answered[tag] == nil {
                 answered[tag] = step

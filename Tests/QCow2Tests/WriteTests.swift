@@ -266,7 +266,7 @@ struct EngineWriteTests {
         var lastSeen: [Int: (ObjectIdentifier, UInt64, [UInt8])] = [:]
         var evictions = 0
         var most = 0
-        shell.afterStep = {
+        shell.afterStep = { [unowned shell] in
             let slots = shell.engine.cache.slots
             most = max(most, slots.count)
             for (i, seen) in lastSeen where slots[i].map(ObjectIdentifier.init) != seen.0 {
