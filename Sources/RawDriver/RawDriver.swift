@@ -25,7 +25,8 @@ public final class RawDriver: BlockDevice {
     private let io: FileIO
     private let isBlockDevice: Bool
     /// Requests waiting for FileIO, addressed by slot so the completion context is a plain integer.
-    private var inFlight = InFlightTable()
+    /// Unchecked exclusivity: touched once per request on the loop, never re-entered (see Connection).
+    @exclusivity(unchecked) private var inFlight = InFlightTable()
 
     /// Opens `path`; `readOnly` opens it O_RDONLY and advertises a read-only export.
     public init(path: String, readOnly: Bool, io: FileIO) throws(BlockError) {

@@ -41,13 +41,14 @@ public final class BufferPool {
     private static let stateOnLoan: UInt64 = 0x4C4F_414E          // "LOAN"
     private static let stateCached: UInt64 = 0x4652_4545          // "FREE"
 
+    // Unchecked exclusivity: take/give run twice per request and never re-enter (see FileIO).
     /// Free slots per size class.
-    private var free: [[UnsafeMutableRawPointer]]
-    private var cachedBytes = 0
+    @exclusivity(unchecked) private var free: [[UnsafeMutableRawPointer]]
+    @exclusivity(unchecked) private var cachedBytes = 0
     private let maximumCachedBytes: Int
 
     /// Buffers taken and not yet given back.
-    public private(set) var outstandingBuffers = 0
+    @exclusivity(unchecked) public private(set) var outstandingBuffers = 0
 
     public init(maximumCachedBytes: Int = 256 << 20) {
         self.maximumCachedBytes = maximumCachedBytes

@@ -93,14 +93,15 @@ private let onClose: uv_close_cb = { handle in
 public final class SocketStream {
     enum Kind { case tcp, pipe }
 
+    // Unchecked exclusivity on the per-request properties: see FileIO.
     /// Receives reads, write completions and the close. Held strongly until `streamDidClose`.
-    public var delegate: (any SocketStreamDelegate)?
+    @exclusivity(unchecked) public var delegate: (any SocketStreamDelegate)?
     /// "127.0.0.1:5555", "[::1]:5555" or "unix".
     public let peerDescription: String
 
     let kind: Kind
     private let memory: UnsafeMutableRawPointer
-    private var freeWriteRequests: [UnsafeMutablePointer<WriteRequest>] = []
+    @exclusivity(unchecked) private var freeWriteRequests: [UnsafeMutablePointer<WriteRequest>] = []
     private var shutdownRequest: UnsafeMutablePointer<uv_shutdown_t>?
 
     /// Accepts one pending connection from `server`. On failure the fresh handle is
