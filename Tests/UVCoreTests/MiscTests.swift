@@ -184,6 +184,35 @@ import Testing
         try loop.close()   // idempotent
     }
 
+    @Test func turnEndTasksRunBeforeTheLoopWaitsAndMayScheduleMore() throws {
+        let loop = try EventLoop()
+        final class Task: TurnEndTask {
+            let loop: EventLoop
+            var log: [String]
+            let name: String
+            var follow: Task?
+            init(_ name: String, loop: EventLoop, log: [String] = []) { self.name = name; self.loop = loop; self.log = log }
+            func runAtTurnEnd() {
+                log.append(name)
+                if let follow {
+                    self.follow = nil
+                    loop.runAtTurnEnd(follow)   // runs in the same pass
+                }
+            }
+        }
+        let second = Task("second", loop: loop)
+        let first = Task("first", loop: loop)
+        first.follow = second
+        loop.runAtTurnEnd(first)
+        // Nothing else is pending: the scheduled task alone keeps the loop turning until it ran.
+        loop.run()
+        #expect(first.log == ["first"])
+        #expect(second.log == ["second"])
+        // Idle again: run returns at once, and the loop closes (the turn-end handle with it).
+        loop.run()
+        try loop.close()
+    }
+
     @Test func stopEndsRun() throws {
         let loop = try EventLoop()
         let timer = LoopTimer(loop: loop)
