@@ -95,6 +95,9 @@ final class Connection {
         let timer = LoopTimer(loop: loop)
         self.handshakeTimer = timer
         stream.delegate = self
+        // Replies produced in one loop turn (pipelined requests answered from the page cache, a batch of
+        // pool completions) leave in one writev instead of one each.
+        stream.coalesceWrites()
         timer.start(afterMilliseconds: limits.handshakeTimeoutMilliseconds) { [unowned self] in
             guard self.phase == .handshaking else { return }
             self.log.info("connection \(self.id) from \(self.stream.peerDescription): handshake timed out")

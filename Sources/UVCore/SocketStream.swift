@@ -19,6 +19,16 @@
 // requests in order and refuses uv_try_write while any are queued, so byte
 // order across calls is preserved. All write and shutdown callbacks (with
 // ECANCELED if need be) run before the close callback.
+//
+// Coalescing (`coalesceWrites()`). A server that answers many pipelined
+// requests in one loop turn would pay one writev per reply. In coalescing
+// mode `write` only gathers the buffers and returns `.pending`; at the end of
+// the loop turn (EventLoop.runAtTurnEnd) everything gathered goes out in one
+// uv_try_write, and each call is reported through didFinishWrite, in order.
+// An unwritten tail is queued as one uv_write for the whole batch (libuv
+// mallocs its copy of more than four buffers; that happens only when the
+// socket is full, once per batch). Batches complete in order, so their
+// contexts wait in one FIFO and the batch's request carries only a count.
 
 import CLibUV
 #if canImport(Glibc)
@@ -58,7 +68,19 @@ struct WriteRequest {
     var last: UnsafeMutablePointer<WriteRequest>? = nil
     /// On the last request: the error an earlier chunk already reported, or 0.
     var reportedError: Int32 = 0
+    /// For a coalesced batch: how many contexts (at the head of the stream's FIFO) it completes.
+    var batchContexts = 0
 }
+
+/// A coalesced write call that finished, waiting to be reported.
+struct FinishedWrite {
+    var context: UInt64
+    /// 0 or a negative libuv error.
+    var status: Int32
+}
+
+/// Gathered bytes beyond which a coalescing stream writes at once instead of at the turn's end.
+private let eagerFlushBytes = 64 << 10
 
 /// libuv's inline uv_buf_t copy in uv_write_t (`bufsml[4]`); more buffers would make it malloc.
 private let buffersPerRequest = 4
@@ -104,6 +126,24 @@ public final class SocketStream {
     @exclusivity(unchecked) private var freeWriteRequests: [UnsafeMutablePointer<WriteRequest>] = []
     private var shutdownRequest: UnsafeMutablePointer<uv_shutdown_t>?
 
+    // Coalescing state (see the file comment).
+    @exclusivity(unchecked) private var coalescing = false
+    /// Buffers gathered this turn, and their byte count.
+    @exclusivity(unchecked) private var gathered = UnsafeList<uv_buf_t>(capacity: 64)
+    @exclusivity(unchecked) private var gatheredBytes = 0
+    /// Contexts of the write calls gathered this turn, in order.
+    @exclusivity(unchecked) private var gatheredContexts = UnsafeList<UInt64>(capacity: 32)
+    /// Contexts of flushed batches still queued in libuv; the live part starts at queuedHead.
+    @exclusivity(unchecked) private var queuedContexts = UnsafeList<UInt64>(capacity: 32)
+    @exclusivity(unchecked) private var queuedHead = 0
+    /// Finished calls not yet reported; the live part starts at finishedHead. Reports go out from
+    /// one non-reentrant drain, so a delegate that writes, flushes or shuts down from inside its
+    /// didFinishWrite only adds to this FIFO.
+    @exclusivity(unchecked) private var finished = UnsafeList<FinishedWrite>(capacity: 32)
+    @exclusivity(unchecked) private var finishedHead = 0
+    @exclusivity(unchecked) private var draining = false
+    @exclusivity(unchecked) private var flushScheduled = false
+
     /// Accepts one pending connection from `server`. On failure the fresh handle is
     /// closed and freed by libuv's close callback; no SocketStream exists.
     init(acceptingFrom server: UnsafeMutablePointer<uv_stream_t>, kind: Kind) throws(UVError) {
@@ -145,6 +185,10 @@ public final class SocketStream {
             request.deallocate()
         }
         shutdownRequest?.deallocate()
+        gathered.deallocate()
+        gatheredContexts.deallocate()
+        queuedContexts.deallocate()
+        finished.deallocate()
         memory.deallocate()
     }
 
@@ -183,13 +227,22 @@ public final class SocketStream {
 
     // MARK: Writing
 
-    /// Writes the buffers in order. First tries uv_try_write; if everything went out, returns .completed
+    /// From now on, writes are gathered and sent together at the end of each loop turn (see the file
+    /// comment): `write` returns `.pending` (or `.failed` once closing) and every call is reported
+    /// through didFinishWrite.
+    public func coalesceWrites() {
+        coalescing = true
+    }
+
+    /// Writes the buffers in order (when coalescing, see `coalesceWrites`: gathers them and returns
+    /// `.pending`). First tries uv_try_write; if everything went out, returns .completed
     /// synchronously (no delegate call). Otherwise the rest is queued with uv_write using a pooled
     /// uv_write_t and `.pending` is returned; the delegate's didFinishWrite(context) fires later.
     /// The caller keeps the bytes alive until completed/didFinishWrite. Order across calls is preserved.
     /// Up to 16 buffers per call without heap allocation (more work, through a heap scratch array).
     public func write(_ buffers: UnsafeBufferPointer<UnsafeRawBufferPointer>, context: UInt64) -> WriteOutcome {
         guard uv_is_closing(handle) == 0 else { return .failed(.canceled) }
+        if coalescing { return gather(buffers, context: context) }
         return withUnsafeTemporaryAllocation(of: uv_buf_t.self, capacity: max(buffers.count, 1)) { bufs in
             var count = 0
             var total = 0
@@ -218,6 +271,93 @@ public final class SocketStream {
             bufs[first].len -= skip
             return queue(UnsafeMutableBufferPointer(rebasing: bufs[first..<count]), context: context)
         }
+    }
+
+    private func gather(_ buffers: UnsafeBufferPointer<UnsafeRawBufferPointer>, context: UInt64) -> WriteOutcome {
+        for buffer in buffers where buffer.count > 0 {
+            gathered.append(uv_buf_t(base: UnsafeMutablePointer(mutating: buffer.baseAddress!.assumingMemoryBound(to: CChar.self)),
+                                     len: buffer.count))
+            gatheredBytes += buffer.count
+        }
+        gatheredContexts.append(context)
+        // Big replies go at once: waiting for the turn's end would hold back the first megabyte until
+        // the last read of the turn is done, and a syscall is cheap next to copying that much.
+        if gatheredBytes >= eagerFlushBytes { flushGathered() }
+        if !flushScheduled {
+            flushScheduled = true
+            EventLoop.owning(stream.pointee.loop).runAtTurnEnd(self)
+        }
+        return .pending
+    }
+
+    /// Sends everything gathered: one uv_try_write, the rest (if any) queued as one uv_write.
+    /// Calls that finished here are only recorded; `drainFinished` reports them.
+    private func flushGathered() {
+        guard !gatheredContexts.isEmpty, uv_is_closing(handle) == 0 else { return }
+        let bufs = gathered.buffer
+        let total = gatheredBytes
+        gathered.removeAll()
+        gatheredBytes = 0
+        var status: Int32 = 0
+        if total > 0 {
+            let written = uv_try_write(stream, bufs.baseAddress, UInt32(bufs.count))
+            if written < 0 && written != UV_EAGAIN.rawValue {
+                status = written
+            } else if Int(max(written, 0)) < total {
+                // Drop what the kernel took: whole buffers, then the head of a partial one.
+                var skip = Int(max(written, 0))
+                var first = 0
+                while skip >= bufs[first].len {
+                    skip -= bufs[first].len
+                    first += 1
+                }
+                bufs[first].base += skip
+                bufs[first].len -= skip
+                let request = takeWriteRequest()
+                request.pointee.batchContexts = gatheredContexts.count
+                // libuv copies the uv_buf_t array, so `gathered` may be reused at once.
+                let rc = uv_write(&request.pointee.uv, stream, bufs.baseAddress! + first, UInt32(bufs.count - first), onWrite)
+                if rc == 0 {
+                    queuedContexts.append(contentsOf: gatheredContexts)
+                    gatheredContexts.removeAll()
+                    return
+                }
+                recycle(request)
+                status = rc
+            }
+        }
+        for i in 0..<gatheredContexts.count {
+            finished.append(FinishedWrite(context: gatheredContexts[i], status: status))
+        }
+        gatheredContexts.removeAll()
+    }
+
+    /// A queued batch finished: its contexts are the next `count` in the FIFO.
+    private func didWriteBatch(count: Int, status: Int32) {
+        for _ in 0..<count {
+            finished.append(FinishedWrite(context: queuedContexts[queuedHead], status: status))
+            queuedHead += 1
+        }
+        if queuedHead == queuedContexts.count {
+            queuedContexts.removeAll()
+            queuedHead = 0
+        }
+        drainFinished()
+    }
+
+    /// Reports finished calls in order. Not reentrant: a nested call returns at once and the
+    /// outer loop picks up what was added meanwhile.
+    private func drainFinished() {
+        guard !draining else { return }
+        draining = true
+        while finishedHead < finished.count {
+            let done = finished[finishedHead]
+            finishedHead += 1
+            delegate?.stream(self, didFinishWrite: done.context, error: done.status < 0 ? UVError(code: done.status) : nil)
+        }
+        finished.removeAll()
+        finishedHead = 0
+        draining = false
     }
 
     private func queue(_ bufs: UnsafeMutableBufferPointer<uv_buf_t>, context: UInt64) -> WriteOutcome {
@@ -253,11 +393,16 @@ public final class SocketStream {
         request.pointee.context = 0
         request.pointee.last = nil
         request.pointee.reportedError = 0
+        request.pointee.batchContexts = 0
         freeWriteRequests.append(request)
     }
 
     fileprivate func didWrite(_ request: UnsafeMutablePointer<WriteRequest>, status: Int32) {
-        if let last = request.pointee.last {
+        let batch = request.pointee.batchContexts
+        if batch > 0 {
+            recycle(request)
+            didWriteBatch(count: batch, status: status)
+        } else if let last = request.pointee.last {
             recycle(request)
             // `last` is still queued behind us, so it is alive; it stays quiet once we report.
             if status < 0 && last.pointee.reportedError == 0 {
@@ -274,9 +419,9 @@ public final class SocketStream {
         }
     }
 
-    /// Bytes queued in libuv and not yet written (uv_stream_get_write_queue_size).
+    /// Bytes queued in libuv (uv_stream_get_write_queue_size) or gathered, and not yet written.
     public var pendingWriteBytes: Int {
-        Int(uv_stream_get_write_queue_size(stream))
+        Int(uv_stream_get_write_queue_size(stream)) + gatheredBytes
     }
 
     // MARK: Options and closing
@@ -289,12 +434,16 @@ public final class SocketStream {
 
     /// Lets queued writes drain, shuts down the sending side, then closes.
     public func shutdownAndClose() {
-        guard uv_is_closing(handle) == 0, shutdownRequest == nil else { return }
-        let request = UnsafeMutablePointer<uv_shutdown_t>.allocate(capacity: 1)
-        shutdownRequest = request
-        if uv_shutdown(request, stream, onShutdown) < 0 {
-            close()
+        // Gathered writes go first: uv_shutdown waits only for what libuv has queued.
+        flushGathered()
+        if uv_is_closing(handle) == 0 && shutdownRequest == nil {
+            let request = UnsafeMutablePointer<uv_shutdown_t>.allocate(capacity: 1)
+            shutdownRequest = request
+            if uv_shutdown(request, stream, onShutdown) < 0 {
+                close()
+            }
         }
+        drainFinished()
     }
 
     /// Closes the stream: queued writes fail with `.canceled`, then `streamDidClose` fires once.
@@ -310,8 +459,24 @@ public final class SocketStream {
     }
 
     fileprivate func didClose() {
+        // libuv has cancelled its queued writes; gathered ones never reached it.
+        for i in 0..<gatheredContexts.count {
+            finished.append(FinishedWrite(context: gatheredContexts[i], status: UV_ECANCELED.rawValue))
+        }
+        gathered.removeAll()
+        gatheredBytes = 0
+        gatheredContexts.removeAll()
+        drainFinished()
         let delegate = self.delegate
         self.delegate = nil
         delegate?.streamDidClose(self)
+    }
+}
+
+extension SocketStream: TurnEndTask {
+    public func runAtTurnEnd() {
+        flushScheduled = false
+        flushGathered()
+        drainFinished()
     }
 }

@@ -20,6 +20,8 @@ final class EchoServer: ListenerDelegate, SocketStreamDelegate {
     var peers: [String] = []
     /// Close the listener after this many accepts (0 = never).
     var acceptLimit = 1
+    /// Put accepted streams in coalescing mode.
+    var coalesce = false
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
 
     deinit { buffer.deallocate() }
@@ -29,6 +31,7 @@ final class EchoServer: ListenerDelegate, SocketStreamDelegate {
         peers.append(stream.peerDescription)
         stream.delegate = self
         stream.setNoDelay(true)
+        if coalesce { stream.coalesceWrites() }
         stream.startReading()
         if accepted == acceptLimit { listener.close() }
     }
@@ -73,9 +76,10 @@ final class EchoServer: ListenerDelegate, SocketStreamDelegate {
 }
 
 /// Runs one echo session: `connect` runs on a plain thread, sends `messages`, expects them back.
-private func echoSession(loop: EventLoop, listener: Listener, messages: Int = 50,
+private func echoSession(loop: EventLoop, listener: Listener, messages: Int = 50, coalesce: Bool = false,
                          connect: @escaping @Sendable () -> Int32) throws -> EchoServer {
     let server = EchoServer()
+    server.coalesce = coalesce
     listener.delegate = server
     try listener.start()
     let echoed = Shared(false)
@@ -136,6 +140,16 @@ private func echoSession(loop: EventLoop, listener: Listener, messages: Int = 50
         let server = try echoSession(loop: loop, listener: listener) { connectUnix(path: path) }
         #expect(server.peers == ["unix"])
         #expect(access(path, F_OK) != 0, "libuv unlinks the socket path on close")
+        try loop.close()
+    }
+
+    @Test func unixEchoWithCoalescedWrites() throws {
+        let loop = try EventLoop()
+        let path = temporaryPath("echo-coalesced") + ".sock"
+        let listener = try Listener.unix(loop: loop, path: path)
+        let server = try echoSession(loop: loop, listener: listener, coalesce: true) { connectUnix(path: path) }
+        // Every coalesced write is reported through didFinishWrite.
+        #expect(server.pendingWrites == server.reads)
         try loop.close()
     }
 
@@ -353,6 +367,144 @@ private func echoSession(loop: EventLoop, listener: Listener, messages: Int = 50
         #expect(closer.outcome == "ECANCELED")
         #expect(closer.callbacks == 0)
         #expect(closer.closed == 1)
+        try loop.close()
+    }
+
+    @Test func coalescedWritesLeaveTogetherAndFinishInOrder() throws {
+        let loop = try EventLoop()
+        let path = temporaryPath("coalesce") + ".sock"
+        let listener = try Listener.unix(loop: loop, path: path)
+
+        // Turn 1 (accept): 20 small writes, a 1 MiB one (sent at once: past the eager-flush size) and 3
+        // more small ones. From the first finish: an 8 MiB write (more than the socket takes, so the
+        // batch is queued in libuv) and 2 small ones behind it. The last finish shuts down.
+        let small = (0..<25).map { pattern(17 + $0, seed: $0) }
+        let big = pattern(1 << 20, seed: 100)
+        let huge = pattern(8 << 20, seed: 101)
+        final class Writer: ListenerDelegate, SocketStreamDelegate {
+            var buffers: [UnsafeRawBufferPointer] = []
+            var outcomes: [String] = []
+            var finished: [UInt64] = []
+            var errors = 0
+            var closed = 0
+            var pendingAtAccept = 0
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 16, alignment: 16)
+            init(_ contents: [[UInt8]]) {
+                buffers = contents.map { bytes in
+                    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 16)
+                    buffer.copyBytes(from: bytes)
+                    return UnsafeRawBufferPointer(buffer)
+                }
+            }
+            deinit {
+                scratch.deallocate()
+                for buffer in buffers { buffer.deallocate() }
+            }
+            func write(_ stream: SocketStream, _ index: Int) {
+                let outcome = [buffers[index]].withUnsafeBufferPointer { stream.write($0, context: UInt64(index)) }
+                switch outcome {
+                case .completed: outcomes.append("completed")
+                case .pending: outcomes.append("pending")
+                case .failed(let error): outcomes.append("failed \(error)")
+                }
+            }
+            func listener(_ listener: Listener, didAccept stream: SocketStream) {
+                listener.close()
+                stream.delegate = self
+                stream.coalesceWrites()
+                for i in 0..<20 { write(stream, i) }
+                write(stream, 25)          // the 1 MiB one
+                for i in 20..<23 { write(stream, i) }
+                pendingAtAccept = stream.pendingWriteBytes
+            }
+            func listener(_ listener: Listener, didFailToAcceptWith error: UVError) { errors += 1 }
+            func streamWantsReadBuffer(_ stream: SocketStream) -> UnsafeMutableRawBufferPointer { scratch }
+            func stream(_ stream: SocketStream, didRead count: Int) {}
+            func stream(_ stream: SocketStream, didFailReadingWith error: UVError) { errors += 1 }
+            func stream(_ stream: SocketStream, didFinishWrite context: UInt64, error: UVError?) {
+                finished.append(context)
+                if error != nil { errors += 1 }
+                if finished.count == 1 {
+                    write(stream, 26)      // the 8 MiB one
+                    write(stream, 23)
+                    write(stream, 24)
+                }
+                if context == 24 { stream.shutdownAndClose() }
+            }
+            func streamDidClose(_ stream: SocketStream) { closed += 1 }
+        }
+        let writer = Writer(small + [big, huge])
+        listener.delegate = writer
+        try listener.start()
+        let received = Shared<[UInt8]>([])
+        let client = spawnThread {
+            let fd = connectUnix(path: path)
+            usleep(50_000)   // let the 8 MiB write find the socket full
+            received.value = receiveToEnd(fd)
+            close(fd)
+        }
+        runLoop(loop)
+        joinThread(client)
+
+        let order = Array(0..<20) + [25, 20, 21, 22, 26, 23, 24]
+        #expect(writer.outcomes == Array(repeating: "pending", count: order.count))
+        #expect(writer.pendingAtAccept > 0)
+        #expect(writer.finished == order.map(UInt64.init))
+        #expect(writer.errors == 0)
+        #expect(writer.closed == 1)
+        let expected = order.flatMap { $0 < 25 ? small[$0] : ($0 == 25 ? big : huge) }
+        #expect(received.value.count == expected.count)
+        #expect(received.value == expected)
+        try loop.close()
+    }
+
+    @Test func gatheredWritesAreCanceledByClose() throws {
+        let loop = try EventLoop()
+        let listener = try Listener.tcp(loop: loop, host: "127.0.0.1", port: 0)
+        let port = try #require(listener.localPort)
+        final class Closer: ListenerDelegate, SocketStreamDelegate {
+            var events: [String] = []
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 16, alignment: 16)
+            let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 100, alignment: 16)
+            deinit {
+                scratch.deallocate()
+                bytes.deallocate()
+            }
+            func listener(_ listener: Listener, didAccept stream: SocketStream) {
+                listener.close()
+                stream.delegate = self
+                stream.coalesceWrites()
+                for context in 1...3 as ClosedRange<UInt64> {
+                    let outcome = [UnsafeRawBufferPointer(bytes)].withUnsafeBufferPointer { stream.write($0, context: context) }
+                    if case .pending = outcome {} else { events.append("not pending") }
+                }
+                stream.close()
+                let late = [UnsafeRawBufferPointer(bytes)].withUnsafeBufferPointer { stream.write($0, context: 4) }
+                if case .failed(let error) = late { events.append("late \(error.name)") }
+            }
+            func listener(_ listener: Listener, didFailToAcceptWith error: UVError) { events.append("accept error") }
+            func streamWantsReadBuffer(_ stream: SocketStream) -> UnsafeMutableRawBufferPointer { scratch }
+            func stream(_ stream: SocketStream, didRead count: Int) { events.append("read") }
+            func stream(_ stream: SocketStream, didFailReadingWith error: UVError) { events.append("read error") }
+            func stream(_ stream: SocketStream, didFinishWrite context: UInt64, error: UVError?) {
+                events.append("finished \(context) \(error?.name ?? "ok")")
+            }
+            func streamDidClose(_ stream: SocketStream) { events.append("closed") }
+        }
+        let closer = Closer()
+        listener.delegate = closer
+        try listener.start()
+        let received = Shared<[UInt8]>([])
+        let client = spawnThread {
+            let fd = connectTCP(host: "127.0.0.1", port: port)
+            received.value = receiveToEnd(fd)
+            close(fd)
+        }
+        runLoop(loop)
+        joinThread(client)
+        #expect(closer.events == ["late ECANCELED", "finished 1 ECANCELED", "finished 2 ECANCELED",
+                                  "finished 3 ECANCELED", "closed"])
+        #expect(received.value.isEmpty)
         try loop.close()
     }
 }
