@@ -432,6 +432,18 @@ public final class SocketStream {
         _ = uv_tcp_nodelay(memory.asTCP, on ? 1 : 0)
     }
 
+    /// Raises a unix socket's send buffer to at least `bytes` (the kernel caps it at net.core.wmem_max
+    /// and doubles it). A unix stream socket's send buffer is all the room the peer's unread data has:
+    /// with the default (~208 KiB) a 1 MiB reply needs five or six writes, each after an epoll wake-up.
+    /// TCP is left alone: setting SO_SNDBUF there would switch off the kernel's autotuning.
+    public func enlargeUnixSendBuffer(toAtLeast bytes: Int) {
+        guard kind == .pipe, uv_is_closing(handle) == 0 else { return }
+        var current: Int32 = 0
+        guard uv_send_buffer_size(handle, &current) == 0, Int(current) < bytes else { return }
+        var wanted = Int32(clamping: bytes)
+        _ = uv_send_buffer_size(handle, &wanted)
+    }
+
     /// Lets queued writes drain, shuts down the sending side, then closes.
     public func shutdownAndClose() {
         // Gathered writes go first: uv_shutdown waits only for what libuv has queued.
