@@ -3,7 +3,9 @@
 // Reads and writes go through UVCore's FileIO, which answers page-cache hits inline and sends everything
 // else to the thread pool; so a request either completes inside `read`/`write` or later on the loop.
 // The rare operations (zeroing, trimming, block status, cache hints) run as small blocking jobs on the
-// pool, where falling back from one syscall to another costs nothing on the loop.
+// pool, where falling back from one syscall to another costs nothing on the loop. Zeroing and trimming
+// change the image, so they go in FileIO's ordered lane with the writes: they take effect in the order
+// the client sent them.
 //
 // One driver instance serves every connection to its export, which is what makes advertising
 // multi-conn honest: a flush (fdatasync) on any connection covers every write the kernel has accepted,
@@ -103,7 +105,7 @@ public final class RawDriver: BlockDevice {
         if length == 0 { return handler.blockIOCompleted(tag: tag, outcome: .done) }
         let fd = self.fd
         let canPunch = capabilities.canTrim
-        runJob(tag: tag, handler: handler) {
+        runJob(tag: tag, handler: handler, ordered: true) {
             RawZeroing.zero(fd: fd, offset: offset, length: length, options: options, canPunch: canPunch)
         }
     }
@@ -111,7 +113,7 @@ public final class RawDriver: BlockDevice {
     public func trim(offset: UInt64, length: UInt64, fua: Bool, tag: UInt64, handler: BlockIOHandler) {
         if length == 0 { return handler.blockIOCompleted(tag: tag, outcome: .done) }
         let fd = self.fd
-        runJob(tag: tag, handler: handler) {
+        runJob(tag: tag, handler: handler, ordered: true) {
             RawZeroing.punch(fd: fd, offset: offset, length: length, sync: fua)
         }
     }
@@ -132,9 +134,11 @@ public final class RawDriver: BlockDevice {
         io.run(context: UInt64(slot), completion: self) { job.scan() }
     }
 
-    private func runJob(tag: UInt64, handler: BlockIOHandler, _ work: @escaping @Sendable () -> Int) {
+    /// `ordered`: jobs that change the image go in FileIO's ordered lane, behind earlier writes.
+    private func runJob(tag: UInt64, handler: BlockIOHandler, ordered: Bool = false,
+                        _ work: @escaping @Sendable () -> Int) {
         let slot = inFlight.insert(tag: tag, handler: handler, kind: .other)
-        io.run(context: UInt64(slot), completion: self, work: work)
+        io.run(context: UInt64(slot), completion: self, ordered: ordered, work: work)
     }
 }
 

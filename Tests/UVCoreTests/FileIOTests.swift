@@ -185,6 +185,111 @@ private func isQueued(_ outcome: FileIOOutcome) -> Bool {
         try loop.close()
     }
 
+    @Test func orderedLaneAppliesChangesInSubmissionOrder() throws {
+        let loop = try EventLoop()
+        let file = TempFile(size: 1 << 20)
+        defer { close(file.fd) }
+        let io = FileIO(loop: loop)
+        let log = CompletionLog()
+        let count = 40
+        let buffers = (0..<count).map { i -> UnsafeMutableRawBufferPointer in
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+            buffer.initializeMemory(as: UInt8.self, repeating: UInt8(i + 1))
+            return buffer
+        }
+        defer { for buffer in buffers { buffer.deallocate() } }
+        let fd = file.fd
+
+        // Writes to one block, an ordered job that reads it back in the middle, FUA writes, and an
+        // ordered zeroing of the block at the end: each must see everything submitted before it.
+        func write(_ i: Int, fua: Bool = false) {
+            _ = io.write(fd: fd, from: UnsafeRawBufferPointer(buffers[i]), offset: 8192, dsync: fua,
+                         context: UInt64(i), completion: log)
+        }
+        for i in 0..<20 { write(i) }
+        io.run(context: 100, completion: log, ordered: true) {
+            var byte: UInt8 = 0
+            return pread(fd, &byte, 1, 8192) == 1 ? Int(byte) : -1
+        }
+        for i in 20..<30 { write(i, fua: i % 3 == 0) }
+        runLoop(loop)
+        // A second round, submitted from a completion while a batch may still be running.
+        final class Next: FileIOCompletion {
+            let action: () -> Void
+            init(_ action: @escaping () -> Void) { self.action = action }
+            func fileIOCompleted(context: UInt64, result: Int) { action() }
+        }
+        let next = Next {
+            for i in 30..<count { write(i) }
+            io.run(context: 101, completion: log, ordered: true) {
+                withUnsafeTemporaryAllocation(byteCount: 4096, alignment: 4096) { zeros in
+                    zeros.initializeMemory(as: UInt8.self, repeating: 0)
+                    return pwrite(fd, zeros.baseAddress, 4096, 8192) == 4096 ? 0 : -1
+                }
+            }
+        }
+        _ = io.write(fd: fd, from: UnsafeRawBufferPointer(buffers[0]), offset: 0, dsync: false, context: 200, completion: next)
+        runLoop(loop)
+
+        #expect(log.results[100] == 20)   // the 20th write's byte
+        #expect(log.results[101] == 0)
+        let expectedOrder = Array(0..<20).map(UInt64.init) + [100] + Array(20..<count).map(UInt64.init) + [101]
+        #expect(log.order == expectedOrder)
+        #expect((0..<count).allSatisfy { log.results[UInt64($0)] == 4096 })
+        #expect(file.read(offset: 8192, count: 4096).allSatisfy { $0 == 0 })
+        try loop.close()
+    }
+
+    @Test func bigLaneWritesArePipelinedInOrder() throws {
+        let loop = try EventLoop()
+        let file = TempFile(size: 4 << 20)
+        defer { close(file.fd) }
+        let io = FileIO(loop: loop)
+        let log = CompletionLog()
+        // Each big write is a full lane batch on its own, so several are on the pool at once and the
+        // turnstile must run them in order; small ones and ordered jobs are mixed in. Completions
+        // may then arrive out of order (a batch's thread posts its result after letting the next
+        // one run), but every effect lands in submission order.
+        let size = 512 << 10
+        let count = 12
+        let buffers = (0..<count).map { i -> UnsafeMutableRawBufferPointer in
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
+            buffer.initializeMemory(as: UInt8.self, repeating: UInt8(i + 1))
+            return buffer
+        }
+        defer { for buffer in buffers { buffer.deallocate() } }
+        let fd = file.fd
+        var expectedOrder: [UInt64] = []
+        for i in 0..<count {
+            let length = i % 3 == 2 ? 4096 : size
+            _ = io.write(fd: fd, from: UnsafeRawBufferPointer(rebasing: buffers[i][0..<length]), offset: 0, dsync: false,
+                         context: UInt64(i), completion: log)
+            expectedOrder.append(UInt64(i))
+            if i == 6 {
+                io.run(context: 100, completion: log, ordered: true) {
+                    var byte: UInt8 = 0
+                    return pread(fd, &byte, 1, 0) == 1 ? Int(byte) : -1
+                }
+                expectedOrder.append(100)
+            }
+        }
+        io.run(context: 101, completion: log, ordered: true) {
+            var first: UInt8 = 0, later: UInt8 = 0
+            guard pread(fd, &first, 1, 0) == 1, pread(fd, &later, 1, 8192) == 1 else { return -1 }
+            return Int(first) << 8 | Int(later)
+        }
+        expectedOrder.append(101)
+        runLoop(loop)
+        #expect(log.order.sorted() == expectedOrder.sorted())
+        #expect(log.results[100] == 7)   // write 6, the last before it
+        // The last small write (11, byte 12) covers the first 4 KiB, the last big one (10, byte 11) the rest.
+        #expect(log.results[101] == 12 << 8 | 11)
+        #expect(file.read(offset: 0, count: 4096).allSatisfy { $0 == 12 })
+        #expect(file.read(offset: 4096, count: size - 4096).allSatisfy { $0 == 11 })
+        #expect((0..<count).allSatisfy { log.results[UInt64($0)] == ($0 % 3 == 2 ? 4096 : size) })
+        try loop.close()
+    }
+
     @Test func errorsComeBackAsNegativeErrno() throws {
         let loop = try EventLoop()
         let io = FileIO(loop: loop)
