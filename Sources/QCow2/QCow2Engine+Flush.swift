@@ -192,10 +192,14 @@ extension QCow2Engine {
             punchStart = nil
         }
         for (gen, clusters) in flush.frees {
+            // Punch only what no older I/O can still touch; the rest is simply reusable.
+            let punchable = oldest.map { gen <= $0 } ?? true
             for c in clusters.sorted() {
-                guard refcounts!.release(cluster: c, epoch: epoch, generation: gen) else { continue }
-                // Punch only what no older I/O can still touch; the rest is simply reusable.
-                guard oldest.map({ gen <= $0 }) ?? true, refcounts!.withhold(cluster: c) else { continue }
+                guard refcounts!.release(cluster: c, epoch: epoch) else { continue }
+                guard punchable else {
+                    refcounts!.makeReusable(cluster: c, generation: gen)
+                    continue
+                }
                 if let start = punchStart, start + punchCount == c {
                     punchCount += 1
                 } else {

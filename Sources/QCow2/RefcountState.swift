@@ -33,7 +33,7 @@ struct RefcountState {
     /// First cluster index at or past the end of everything allocated.
     private(set) var endCluster: UInt64
     /// Clusters whose count reached zero and that may be handed out again (subject to the generation check).
-    private(set) var reusable: [(cluster: UInt64, generation: UInt64)] = []
+    private(set) var free = FreeClusters()
 
     init(geometry: Geometry, table: [UInt64], tableOffset: UInt64, tableClusters: Int, endCluster: UInt64) {
         self.geometry = geometry
@@ -67,7 +67,7 @@ struct RefcountState {
             let last = min(endCluster, UInt64(t + 1) * perBlock)
             while c < last {
                 if RefcountEntry.get(raw, index: Int(c % perBlock), order: geometry.refcountOrder) == 0 {
-                    reusable.append((c, 0))
+                    free.insert(c, generation: 0)
                 }
                 c += 1
             }
@@ -115,18 +115,10 @@ struct RefcountState {
     /// Up to `maximum` contiguous clusters: the lowest run of reusable clusters (first fit keeps the
     /// file compact, as qemu does), else a run at the end of the file.
     mutating func allocateRun(upTo maximum: Int, epoch: UInt64, oldestInFlight: UInt64?) -> (host: UInt64, count: Int) {
-        let eligible = reusable.indices.filter { oldestInFlight == nil || reusable[$0].generation <= oldestInFlight! }
-        if !eligible.isEmpty {
-            let sorted = eligible.sorted { reusable[$0].cluster < reusable[$1].cluster }
-            var run = [sorted[0]]
-            for k in sorted.dropFirst() where run.count < maximum {
-                guard reusable[k].cluster == reusable[run.last!].cluster + 1 else { break }
-                run.append(k)
-            }
-            let first = reusable[run[0]].cluster
-            for k in run.sorted(by: >) { reusable.remove(at: k) }
-            for c in 0..<UInt64(run.count) { setRefcount(ofCluster: first + c, to: 1, epoch: epoch) }
-            return (first * geometry.clusterSize, run.count)
+        free.release(oldestInFlight: oldestInFlight)
+        if let run = free.takeLowestRun(upTo: maximum) {
+            for c in 0..<UInt64(run.count) { setRefcount(ofCluster: run.first + c, to: 1, epoch: epoch) }
+            return (run.first * geometry.clusterSize, run.count)
         }
         return (allocateAtEnd(count: maximum, epoch: epoch), maximum)
     }
@@ -163,7 +155,7 @@ struct RefcountState {
             let first = unwritten.offset / geometry.clusterSize
             for k in 0..<UInt64(unwritten.clusters) {
                 setRefcount(ofCluster: first + k, to: 0, epoch: epoch)
-                reusable.append((first + k, 0))
+                free.insert(first + k, generation: 0)
             }
         }
         var clusters = max(oldClusters * 3 / 2, (t + 1 + entriesPerCluster - 1) / entriesPerCluster)
@@ -179,27 +171,19 @@ struct RefcountState {
 
     // MARK: - Frees
 
-    /// Applies a deferred decrease (after the removal is durable). Returns true when the count hit 0.
-    mutating func release(cluster c: UInt64, epoch: UInt64, generation: UInt64) -> Bool {
+    /// Applies a deferred decrease (after the removal is durable). Returns true when the count hit 0;
+    /// the caller then either punches the cluster or makes it reusable.
+    mutating func release(cluster c: UInt64, epoch: UInt64) -> Bool {
         let count = refcount(ofCluster: c)
         guard count > 0 else { return false }   // already free: a repeated free is not ours to fix
         setRefcount(ofCluster: c, to: count - 1, epoch: epoch)
-        if count == 1 {
-            reusable.append((c, generation))
-            return true
-        }
-        return false
+        return count == 1
     }
 
-    /// Takes a freed cluster out of the reusable list (it is being punched).
-    mutating func withhold(cluster c: UInt64) -> Bool {
-        guard let k = reusable.firstIndex(where: { $0.cluster == c }) else { return false }
-        reusable.remove(at: k)
-        return true
-    }
-
+    /// Offers a cluster whose count is zero to the allocator; it is handed out once no request older
+    /// than `generation` is in flight (0: at once).
     mutating func makeReusable(cluster c: UInt64, generation: UInt64) {
-        if refcount(ofCluster: c) == 0 { reusable.append((c, generation)) }
+        if refcount(ofCluster: c) == 0 { free.insert(c, generation: generation) }
     }
 
     // MARK: - Flush capture
