@@ -23,17 +23,17 @@ final class L2Slot {
     }
 
     let l1Index: Int
-    var hostOffset: UInt64
-    var state: State = .loading
+    @exclusivity(unchecked) var hostOffset: UInt64
+    @exclusivity(unchecked) var state: State = .loading
     let table: UnsafeMutableRawBufferPointer
-    var waiters: [Waiter] = []
-    var pins = 0
-    var lastUse: UInt64 = 0
+    @exclusivity(unchecked) var waiters: [Waiter] = []
+    @exclusivity(unchecked) var pins = 0
+    @exclusivity(unchecked) var lastUse: UInt64 = 0
     /// Epoch of the oldest link not yet captured by a flush; nil when the table on disk is current.
-    var dirtyEpoch: UInt64?
+    @exclusivity(unchecked) var dirtyEpoch: UInt64?
     /// Flush snapshots of this table not yet written: until they are, the file holds an older table,
     /// so the slot must stay even though it is no longer dirty.
-    var writebacks = 0
+    @exclusivity(unchecked) var writebacks = 0
 
     init(l1Index: Int, hostOffset: UInt64, size: Int) {
         self.l1Index = l1Index

@@ -70,7 +70,7 @@ extension QCow2Engine {
             let l1Index = g.l1Index(guest)
             guard let slot = l2ForWrite(l1Index, request: id) else { return }
             let guestCluster = guest >> UInt64(g.clusterBits)
-            if let a = reservations[guestCluster] {
+            if !reservations.isEmpty, let a = reservations[guestCluster] {
                 allocations[a].waiters.append(id)
                 writes[id].state = .waitingForReservation
                 return

@@ -72,34 +72,42 @@ struct StatusRequest {
 }
 
 /// Slab storage with a free list; indices are stable while an element is live.
+///
+/// Elements are read and modified in place (no Optional unwrapping, which would copy the element on
+/// every access: request state machines touch their slab entry a dozen times per request). A freed
+/// slot keeps its stale value until reused; `live` says which slots hold a request.
 struct Slab<Element> {
-    private var items: [Element?] = []
+    private var items: [Element] = []
+    private var live: [Bool] = []
     private var free: [Int] = []
 
     mutating func insert(_ e: Element) -> Int {
         if let i = free.popLast() {
             items[i] = e
+            live[i] = true
             return i
         }
         items.append(e)
+        live.append(true)
         return items.count - 1
     }
 
     @discardableResult
     mutating func remove(_ i: Int) -> Element {
-        let e = items[i]!
-        items[i] = nil
+        precondition(live[i], "slab slot \(i) is not in use")
+        live[i] = false
         free.append(i)
-        return e
+        return items[i]
     }
 
     subscript(i: Int) -> Element {
-        get { items[i]! }
+        _read {
+            precondition(live[i], "slab slot \(i) is not in use")
+            yield items[i]
+        }
         _modify {
-            var e = items[i]!
-            items[i] = nil
-            defer { items[i] = e }
-            yield &e
+            precondition(live[i], "slab slot \(i) is not in use")
+            yield &items[i]
         }
     }
 

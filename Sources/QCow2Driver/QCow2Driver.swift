@@ -24,8 +24,9 @@ public final class QCow2Driver: BlockDevice {
     private let engine: QCow2Engine
     private let fd: Int32
     private let io: FileIO
-    private var callers = CallerTable()
-    private var pumping = false
+    // Loop-confined and never accessed overlapping: no dynamic exclusivity checks on the request path.
+    @exclusivity(unchecked) private var callers = CallerTable()
+    @exclusivity(unchecked) private var pumping = false
     private var failureReported = false
     /// Called once, on the loop, when the image turns read-only after an error (the reason names the
     /// structure or the failed write), so the operator sees why in the log.
@@ -190,9 +191,7 @@ public final class QCow2Driver: BlockDevice {
         guard !pumping else { return }
         pumping = true
         defer { pumping = false }
-        while engine.hasActions {
-            for action in engine.takeActions() { execute(action) }
-        }
+        while let action = engine.nextAction() { execute(action) }
         if !failureReported, let failure = engine.failure {
             failureReported = true
             onFailure?("\(path): \(failure); the image is read-only from now on")
