@@ -88,12 +88,12 @@ class FaultCase(T.QnbdTestCase):
 
     # -- requests with bookkeeping
 
-    def data(self, k):
-        return T.pattern_bytes(1000 + k, self.cluster)
+    def data(self, k, version=0):
+        return T.pattern_bytes(1000 + k + 100000 * version, self.cluster)
 
-    def write(self, h, k):
+    def write(self, h, k, version=0):
         """Writes cluster k's pattern; on success it is acknowledged, pending the next flush."""
-        d = self.data(k)
+        d = self.data(k, version)
         h.pwrite(d, k * self.cluster)
         self.pending[k * self.cluster] = d
 
@@ -213,20 +213,30 @@ class QCow2Faults(FaultCase):
     def test_injected_enospc_on_an_l2_table_write_is_survived(self):
         self.make()
         _, l2 = self.layout()
-        self.serve(["write,errno=ENOSPC,offset=%d+%d" % (l2, self.cluster)])
+        self._metadata_enospc("write,errno=ENOSPC,offset=%d+%d" % (l2, self.cluster))
+
+    def test_injected_edquot_on_a_refcount_block_write_is_survived(self):
+        self.make()
+        refblock, _ = self.layout()
+        self._metadata_enospc("write,errno=EDQUOT,offset=%d+%d" % (refblock, self.cluster))
+
+    def _metadata_enospc(self, rule):
+        """Flushes refused for space (NBD maps EDQUOT to ENOSPC) leave the image writable; once
+        space is back one flush makes everything durable."""
+        self.serve([rule])
         self.write(self.h1, 1)
         self.flush(self.h1)
         self.arm()
         self.write(self.h1, 2)
         self.assertNbdError(errno.ENOSPC, self.h1.flush)
-        # Still writable while the space is missing; reads see everything written.
-        self.write(self.h2, 3)
+        # Still writable while the space is missing (an overwrite in place: nothing new is allocated,
+        # so only the refused flush's own metadata is left to write); reads see everything written.
+        self.write(self.h2, 2, version=1)
         self.assertNbdError(errno.ENOSPC, self.h2.flush)
         self.assertReads(self.h2, 1)
-        self.assertBytesEqual(self.h1.pread(self.cluster, 3 * self.cluster), self.data(3), "unflushed write")
+        self.assertBytesEqual(self.h1.pread(self.cluster, 2 * self.cluster), self.data(2, 1), "unflushed write")
         # Space is back: the next flush makes it all durable.
         self.disarm()
-        self.write(self.h2, 4)
         self.flush(self.h1)
         log = self.stop()
         self.assertNotIn("read-only", log)
