@@ -123,6 +123,48 @@ struct SpaceFailureTests {
         expectSameBytes(readBack(shell.file), model, "file")
     }
 
+    @Test func aRefusedTableMoveOvertakenByAnotherGrowthGivesItsTableBack() throws {
+        let img = writableImage(size: 32 << 20)
+        let shell = try WriteShell(img)
+        shell.trackDurability = false
+        var model = img.expected
+        func put(_ k: Int) {
+            let x = patternBytes(UInt64(k + 1), 1 << 20)
+            shell.write(RequestTag(k + 1), k << 20, x)
+            model.put(x, at: k << 20)
+        }
+        let target = isWrite(of: .reftable, in: shell)
+        for k in 0..<9 {
+            put(k)
+            shell.runAll()
+        }
+        let first = try #require(shell.engine.refcounts!.movedTable)
+        shell.flush(100)
+        shell.runAll(keep: target)
+        #expect(shell.indices(target).count == 1)
+        // While the new table is being written, the data outgrows it: a bigger one is built.
+        for k in 9..<25 {
+            put(k)
+            shell.runAll(keep: target)
+        }
+        let second = try #require(shell.engine.refcounts!.movedTable)
+        #expect(second.clusters > first.clusters)
+        #expect(shell.run(first: target, fail: 28))
+        shell.runAll()
+        #expect(shell.error(100)?.errno == 28)
+        // The refused table was never referenced: it is free again, not leaked.
+        let c = UInt64(first.offset) / u
+        #expect((0..<UInt64(first.clusters)).allSatisfy { shell.engine.refcounts!.refcount(ofCluster: c + $0) == 0 })
+        shell.flush(101)
+        shell.runAll()
+        #expect(shell.succeeded(101) && shell.file.be64(48) == second.offset)
+        shell.flush(102)
+        shell.runAll()
+        let check = ImageCheck(shell.file, written: shell.written)
+        #expect(check.problems.isEmpty && check.leaks.isEmpty, "\(check.problems.prefix(3)) leaks \(check.leaks.prefix(10))")
+        expectSameBytes(readBack(shell.file), model, "file")
+    }
+
     @Test func aDataWriteRefusedForSpaceIsNotLinkedAndLeavesNoLeak() throws {
         let img = writableImage { $0.l2Table(0) }
         let shell = try checkedShell(img)
