@@ -12,7 +12,17 @@
 // and finally applies the refcount decreases of clusters unlinked at or before E (O4: a removal is
 // durable before the decrease, and freed clusters are reused or punched only then).
 // Flushes that arrive while one runs wait for the next pipeline, which captures them all (group
-// commit). A failed write stops the pipeline and turns the image read-only (H10).
+// commit).
+//
+// A failed write or sync stops the pipeline: the stages already durable are consistent because of the
+// order, and no later stage runs (H10). What happens next depends on the failure:
+//   - a write refused for lack of space (ENOSPC, EDQUOT) changed nothing on disk that the durable image
+//     depends on, so everything the flush captured is made dirty again and the next flush retries it;
+//     the flush fails with that errno and the image stays writable (allocations the failed flush would
+//     have made durable are at worst leaks).
+//   - any other write error, and every sync error (after a failed fdatasync the kernel may have dropped
+//     the dirty pages, so what reached the disk is unknown), turns the image read-only for good, with a
+//     reason naming the structure and the errno.
 
 import BlockDevice
 
@@ -23,8 +33,40 @@ struct FlushState {
     }
 
     struct Step {
+        enum Kind: String {
+            case refcountBlocks = "refcount block"
+            case newRefcountTable = "new refcount table"
+            case refcountTableSwitch = "header's refcount table fields"
+            case refcountTableEntries = "refcount table"
+            case l2Tables = "L2 table"
+            case l1Table = "L1 table"
+        }
+
+        var kind: Kind
         var writes: [(offset: UInt64, bytes: UnsafeMutableRawBufferPointer)]
         var sync: Bool
+    }
+
+    /// The first failure of the running stage.
+    struct Failure {
+        let errno: Int32
+        /// "writing the L2 table at 0x50000", "syncing after the refcount block writes".
+        let what: String
+        let isSync: Bool
+
+        /// Only a write refused for space leaves nothing uncertain behind.
+        var isRecoverable: Bool { !isSync && (errno == ENOSPC_ || errno == EDQUOT_) }
+    }
+
+    /// What the running pipeline took from the dirty state, to give back if it fails recoverably.
+    struct Captured {
+        var refcounts = RefcountState.Capture()   // its byte buffers belong to the steps; only indices are used
+        var l1Sectors: [Int] = []
+        var frees: [(generation: UInt64, clusters: [UInt64])] = []
+        var oldTableFree: (generation: UInt64, clusters: [UInt64])?
+        var data = false
+        /// The header's switch to a new refcount table is durable.
+        var tableSwitched = false
     }
 
     var running = false
@@ -34,7 +76,8 @@ struct FlushState {
     var step = 0
     var syncing = false
     var pending = 0
-    var error: Int32?
+    var failure: Failure?
+    var captured = Captured()
     var frees: [(generation: UInt64, clusters: [UInt64])] = []
     /// Tables whose snapshots this pipeline writes (kept in the cache until then).
     var tables: [L2Slot] = []
@@ -67,7 +110,7 @@ extension QCow2Engine {
         epoch += 1
         flush.steps = capture(upTo: captured)
         flush.step = -1
-        flush.error = nil
+        flush.failure = nil
         advanceFlush()
     }
 
@@ -101,27 +144,30 @@ extension QCow2Engine {
         pendingFrees.removeAll { $0.epoch <= e }
         let data = unsyncedData
         unsyncedData = false
+        flush.captured = .init(refcounts: refs, l1Sectors: sectors.sorted(), frees: flush.frees, data: data)
 
         var steps: [FlushState.Step] = []
         let later = !refs.tableSectors.isEmpty || refs.newTable != nil || !l2.isEmpty || !l1Writes.isEmpty
-        steps.append(.init(writes: refs.blocks, sync: data || !refs.blocks.isEmpty || later))
+        steps.append(.init(kind: .refcountBlocks, writes: refs.blocks, sync: data || !refs.blocks.isEmpty || later))
         if let table = refs.newTable {
-            steps.append(.init(writes: [(table.offset, table.bytes)], sync: true))
+            steps.append(.init(kind: .newRefcountTable, writes: [(table.offset, table.bytes)], sync: true))
             let fields = UnsafeMutableRawBufferPointer.allocate(byteCount: 12, alignment: 8)
             fields.setBE64(table.offset, at: 0)
             fields.storeBytes(of: UInt32(table.clusters).bigEndian, toByteOffset: 8, as: UInt32.self)
-            steps.append(.init(writes: [(Header.refcountTableFieldsOffset, fields)], sync: true))
+            steps.append(.init(kind: .refcountTableSwitch, writes: [(Header.refcountTableFieldsOffset, fields)], sync: true))
             // The old table is unreferenced once the switch is durable, at the end of this flush.
             if let old = refs.oldTable {
                 let first = old.offset / g.clusterSize
                 generation += 1
-                flush.frees.append((generation, (0..<UInt64(old.clusters)).map { first + $0 }))
+                let free = (generation, (0..<UInt64(old.clusters)).map { first + $0 })
+                flush.frees.append(free)
+                flush.captured.oldTableFree = free
             }
         } else {
-            steps.append(.init(writes: refs.tableSectors, sync: !refs.tableSectors.isEmpty))
+            steps.append(.init(kind: .refcountTableEntries, writes: refs.tableSectors, sync: !refs.tableSectors.isEmpty))
         }
-        steps.append(.init(writes: l2, sync: !l2.isEmpty))
-        steps.append(.init(writes: l1Writes, sync: !l1Writes.isEmpty))
+        steps.append(.init(kind: .l2Tables, writes: l2, sync: !l2.isEmpty))
+        steps.append(.init(kind: .l1Table, writes: l1Writes, sync: !l1Writes.isEmpty))
         return steps.filter { !$0.writes.isEmpty || $0.sync }
     }
 
@@ -131,9 +177,10 @@ extension QCow2Engine {
             if flush.step >= 0 && !flush.syncing && flush.steps[flush.step].sync {
                 flush.syncing = true
                 flush.pending = 1
-                outbox.append(.syncFile(issue(.flushStep(buffer: nil))))
+                outbox.append(.syncFile(issue(.flushStep(buffer: nil, offset: nil))))
                 return
             }
+            if flush.step >= 0 && flush.steps[flush.step].kind == .refcountTableSwitch { flush.captured.tableSwitched = true }
             flush.syncing = false
             flush.step += 1
             guard flush.step < flush.steps.count else {
@@ -147,27 +194,54 @@ extension QCow2Engine {
             if writes.isEmpty { continue }
             flush.pending = writes.count
             for w in writes {
-                outbox.append(.writeFile(issue(.flushStep(buffer: w.bytes)), offset: w.offset,
+                outbox.append(.writeFile(issue(.flushStep(buffer: w.bytes, offset: w.offset)), offset: w.offset,
                                          from: UnsafeRawBufferPointer(w.bytes), dsync: false))
             }
             return
         }
     }
 
-    func flushStepCompleted(errno: Int32?) {
-        if let errno, flush.error == nil { flush.error = errno }
+    /// `offset`: the write that completed, nil for the stage's sync.
+    func flushStepCompleted(offset: UInt64?, errno: Int32?) {
+        if let errno {
+            let kind = flush.steps[flush.step].kind
+            let what = offset.map { "writing the \(kind.rawValue) at \(hex($0))" }
+                ?? (kind == .refcountBlocks && flush.captured.refcounts.blockIndices.isEmpty
+                    ? "syncing the data written before the flush" : "syncing after the \(kind.rawValue) writes")
+            let failure = FlushState.Failure(errno: errno, what: what, isSync: offset == nil)
+            // An unrecoverable failure wins over a recoverable one of the same stage.
+            if flush.failure.map({ $0.isRecoverable && !failure.isRecoverable }) ?? true { flush.failure = failure }
+        }
         flush.pending -= 1
         guard flush.pending == 0 else { return }
-        if let errno = flush.error {
-            // H10: later stages must not run; what is durable is consistent because of the order.
-            for s in flush.steps { for w in s.writes { w.bytes.deallocate() } }
-            flush.steps = []
-            releaseTables(written: false)
-            markFailed("a metadata write or sync failed (errno \(errno))")
-            finishFlush(error: BlockError(errno: EIO_, message: "qcow2 metadata write failed; the image is now read-only"))
-            return
+        guard let failure = flush.failure else { return advanceFlush() }
+        // H10: later stages must not run; what is durable is consistent because of the order.
+        for s in flush.steps { for w in s.writes { w.bytes.deallocate() } }
+        flush.steps = []
+        releaseTables(written: false)
+        let reason = "\(failure.what) failed: \(errnoName(failure.errno))"
+        if failure.isRecoverable {
+            restoreCaptured()
+            finishFlush(error: BlockError(errno: failure.errno, message: "qcow2 metadata: \(reason); a later flush retries"))
+        } else {
+            markFailed("qcow2 metadata: \(reason)")
+            finishFlush(error: BlockError(errno: EIO_, message: "qcow2 metadata: \(reason); the image is now read-only"))
         }
-        advanceFlush()
+    }
+
+    /// Gives what the failed pipeline captured back to the dirty state, at the current epoch, so the
+    /// next flush writes it again (L2 tables are handled by `releaseTables`). The frees it would have
+    /// applied wait for that flush too (O4: their removals are not durable yet).
+    private func restoreCaptured() {
+        let c = flush.captured
+        refcounts!.recapture(c.refcounts, tableSwitched: c.tableSwitched, epoch: epoch)
+        for s in c.l1Sectors where l1Dirty[s * 64] == nil { l1Dirty[s * 64] = epoch }
+        var frees = c.frees
+        if c.tableSwitched, let old = c.oldTableFree { frees.append(old) }
+        pendingFrees += frees.map { (epoch, $0.generation, $0.clusters) }
+        if c.data { unsyncedData = true }
+        flush.frees = []
+        flush.captured = .init()
     }
 
     /// The pipeline's table snapshots are written (or failed: then the tables stay dirty, so the cache

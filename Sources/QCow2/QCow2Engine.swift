@@ -53,7 +53,8 @@ public final class QCow2Engine {
     @exclusivity(unchecked) var generation: UInt64 = 0
     @exclusivity(unchecked) var inFlight = InFlightGenerations()
     @exclusivity(unchecked) var flush = FlushState()
-    /// Set after a metadata write failed: the image is read-only from then on (H10).
+    /// Set after a metadata write or sync failed for a reason other than space: the image is read-only
+    /// from then on (H10).
     @exclusivity(unchecked) public private(set) var failure: String?
     /// A cluster of zeros, the source of zero writes.
     let zeroCluster: UnsafeMutableRawBufferPointer
@@ -72,7 +73,7 @@ public final class QCow2Engine {
         case cowRead(allocation: Int)
         case cowCompressed(allocation: Int, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer)
         case cowDecompress(allocation: Int, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer)
-        case flushStep(buffer: UnsafeMutableRawBufferPointer?)
+        case flushStep(buffer: UnsafeMutableRawBufferPointer?, offset: UInt64?)
         case punch(cluster: UInt64, count: UInt64)
         case headerUpdate(buffer: UnsafeMutableRawBufferPointer)
     }
@@ -273,9 +274,9 @@ public final class QCow2Engine {
             cowCompressedRead(a, source: source, scratch: scratch, errno: errno)
         case .cowDecompress(let a, let source, let scratch):
             cowDecompressed(a, source: source, scratch: scratch, errno: errno)
-        case .flushStep(let buffer):
+        case .flushStep(let buffer, let offset):
             buffer?.deallocate()
-            flushStepCompleted(errno: errno)
+            flushStepCompleted(offset: offset, errno: errno)
         case .punch(let cluster, let count):
             punchCompleted(cluster: cluster, count: count)
         case .headerUpdate(let buffer):
@@ -317,3 +318,12 @@ public final class QCow2Engine {
 /// Errno values used without importing Glibc into the pure module (Linux numbering, as NBD's).
 let EIO_: Int32 = 5
 let EROFS_: Int32 = 30
+let ENOSPC_: Int32 = 28
+let EDQUOT_: Int32 = 122
+
+/// "EIO (errno 5)": the symbol operators search for, and the number for the rest.
+func errnoName(_ e: Int32) -> String {
+    let names: [Int32: String] = [1: "EPERM", 5: "EIO", 12: "ENOMEM", 22: "EINVAL", 27: "EFBIG", 28: "ENOSPC",
+                                  30: "EROFS", 61: "ENODATA", 117: "EUCLEAN", 122: "EDQUOT"]
+    return names[e].map { "\($0) (errno \(e))" } ?? "errno \(e)"
+}

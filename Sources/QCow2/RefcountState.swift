@@ -195,6 +195,9 @@ struct RefcountState {
         /// A whole new table to write, then switch the header to.
         var newTable: (offset: UInt64, clusters: Int, bytes: UnsafeMutableRawBufferPointer)?
         var oldTable: (offset: UInt64, clusters: Int)?
+        /// What was captured, by index, so that a flush that fails harmlessly can put it back.
+        var blockIndices: [Int] = []
+        var tableSectorIndices: [Int] = []
     }
 
     /// Copies everything dirty at or before `epoch` and marks it clean (Q6: later changes go to the
@@ -206,6 +209,7 @@ struct RefcountState {
             let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
             copy.copyMemory(from: UnsafeRawBufferPointer(blocks[t]!))
             c.blocks.append((table[t], copy))
+            c.blockIndices.append(t)
             dirtyBlocks[t] = nil
         }
         if let moved = movedTable, moved.epoch <= epoch {
@@ -229,9 +233,36 @@ struct RefcountState {
                 copy.initializeMemory(as: UInt8.self, repeating: 0)
                 for k in 0..<64 where s * 64 + k < table.count { copy.setBE64(table[s * 64 + k], at: k * 8) }
                 c.tableSectors.append((tableOffset + UInt64(s) * 512, copy))
+                c.tableSectorIndices.append(s)
             }
         }
         return c
+    }
+
+    /// The flush that took `c` stopped on a write that may succeed later (the disk was full): what it
+    /// captured is dirty again, at `epoch`, so the next flush writes it. `tableSwitched`: the header's
+    /// switch to a captured new table is durable, so that table is the live one whatever failed after.
+    mutating func recapture(_ c: Capture, tableSwitched: Bool, epoch: UInt64) {
+        for t in c.blockIndices where dirtyBlocks[t] == nil { dirtyBlocks[t] = epoch }
+        if let new = c.newTable, let old = c.oldTable, !tableSwitched {
+            if movedTable == nil {
+                movedTable = (new.offset, new.clusters, epoch)
+            } else {
+                // The table grew again meanwhile: the captured one was never referenced, and nothing
+                // is writing it any more (the pipeline waits for a stage's writes before stopping).
+                let first = new.offset / geometry.clusterSize
+                for k in 0..<UInt64(new.clusters) {
+                    setRefcount(ofCluster: first + k, to: 0, epoch: epoch)
+                    free.insert(first + k, generation: 0)
+                }
+            }
+            tableOffset = old.offset
+            tableClusters = old.clusters
+            dirtyTableEntries.removeAll()
+        } else if movedTable == nil {
+            // One entry marks its whole sector for rewriting.
+            for s in c.tableSectorIndices { dirtyTableEntries[s * 64] = epoch }
+        }
     }
 
     /// Whether anything is dirty at or before `epoch`.

@@ -24,6 +24,8 @@ public final class QCow2Driver: BlockDevice {
     private let engine: QCow2Engine
     private let fd: Int32
     private let io: FileIO
+    /// Test-only (QNBD_TEST_FAULTS), on the top image only; nil otherwise.
+    private let faults: FaultInjector?
     // Loop-confined and never accessed overlapping: no dynamic exclusivity checks on the request path.
     @exclusivity(unchecked) private var callers = CallerTable()
     @exclusivity(unchecked) private var pumping = false
@@ -88,7 +90,7 @@ public final class QCow2Driver: BlockDevice {
                 backing = try QCow2Driver(path: resolved, writable: false, io: io, cacheBytes: cacheBytes, depth: depth + 1,
                                           seen: &seen)
             case "raw", "file":
-                backing = try RawDriver(path: resolved, readOnly: true, io: io)
+                backing = try RawDriver(path: resolved, readOnly: true, io: io, injectingFaults: false)
             default:
                 throw BlockError(errno: ENOTSUP, message: "\(path): backing format \"\(format)\" is not supported")
             }
@@ -110,6 +112,11 @@ public final class QCow2Driver: BlockDevice {
             throw error
         } catch {
             throw BlockError(errno: EIO, message: "\(path): \(error)")
+        }
+        do {
+            faults = depth == 0 ? try FaultInjector.fromEnvironment() : nil
+        } catch {
+            throw BlockError(errno: EINVAL, message: error.description)
         }
         self.fd = fd
         self.io = io
@@ -201,19 +208,23 @@ public final class QCow2Driver: BlockDevice {
     private func execute(_ action: IOAction) {
         switch action {
         case .readFile(let token, let offset, let buffer):
+            if injectedFault(token, .read, offset, buffer.count) { return }
             let context = UInt64(token.raw)
             if case .done(let result) = io.read(fd: fd, into: buffer, offset: offset, context: context, completion: self) {
                 engine.completed(token, result: result < 0 ? .failure(Int32(-result)) : .success)
             }
         case .writeFile(let token, let offset, let buffer, let dsync):
+            if injectedFault(token, .write, offset, buffer.count) { return }
             let context = UInt64(token.raw)
             if case .done(let result) = io.write(fd: fd, from: buffer, offset: offset, dsync: dsync, context: context,
                                                  completion: self) {
                 engine.completed(token, result: result < 0 ? .failure(Int32(-result)) : .success)
             }
         case .syncFile(let token):
+            if injectedFault(token, .sync, 0, 0) { return }
             io.fdatasync(fd: fd, context: UInt64(token.raw), completion: self)
         case .punchFile(let token, let offset, let length):
+            if injectedFault(token, .punch, offset, Int(length)) { return }
             io.fallocate(fd: fd, mode: FallocateMode.punchHole | FallocateMode.keepSize, offset: offset, length: length,
                          context: UInt64(token.raw), completion: self)
         case .readBacking(let token, let offset, let buffer):
@@ -229,6 +240,13 @@ public final class QCow2Driver: BlockDevice {
             let caller = callers.remove(tag)
             caller.handler.blockIOCompleted(tag: caller.tag, outcome: outcome)
         }
+    }
+
+    /// Test-only: a fault the injector picks completes the action with its errno instead of running it.
+    private func injectedFault(_ token: IOToken, _ operation: FaultInjector.Operation, _ offset: UInt64, _ length: Int) -> Bool {
+        guard let faults, let errno = faults.fault(operation, offset: offset, length: UInt64(length)) else { return false }
+        engine.completed(token, result: .failure(errno))
+        return true
     }
 
     private static let backingTag: UInt64 = 1 << 62

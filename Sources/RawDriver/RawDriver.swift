@@ -26,12 +26,20 @@ public final class RawDriver: BlockDevice {
     private let fd: Int32
     private let io: FileIO
     private let isBlockDevice: Bool
+    /// Test-only (QNBD_TEST_FAULTS); nil otherwise.
+    private let faults: FaultInjector?
     /// Requests waiting for FileIO, addressed by slot so the completion context is a plain integer.
     /// Unchecked exclusivity: touched once per request on the loop, never re-entered (see Connection).
     @exclusivity(unchecked) private var inFlight = InFlightTable()
 
-    /// Opens `path`; `readOnly` opens it O_RDONLY and advertises a read-only export.
-    public init(path: String, readOnly: Bool, io: FileIO) throws(BlockError) {
+    /// Opens `path`; `readOnly` opens it O_RDONLY and advertises a read-only export. `injectingFaults`:
+    /// whether QNBD_TEST_FAULTS applies (to the served image, not to a backing file).
+    public init(path: String, readOnly: Bool, io: FileIO, injectingFaults: Bool = true) throws(BlockError) {
+        do {
+            faults = injectingFaults ? try FaultInjector.fromEnvironment() : nil
+        } catch {
+            throw BlockError(errno: EINVAL, message: error.description)
+        }
         let fd = Glibc.open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
         guard fd >= 0 else { throw BlockError(errno: errno, message: "cannot open \(path)") }
         var st = stat()
@@ -79,6 +87,7 @@ public final class RawDriver: BlockDevice {
 
     public func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, tag: UInt64, handler: BlockIOHandler) {
         if buffer.count == 0 { return handler.blockIOCompleted(tag: tag, outcome: .read(zeroRanges: [])) }
+        if let e = faults?.fault(.read, offset: offset, length: UInt64(buffer.count)) { return fail(tag, handler, e) }
         let slot = inFlight.insert(tag: tag, handler: handler, kind: .read)
         if case .done(let result) = io.read(fd: fd, into: buffer, offset: offset, context: UInt64(slot), completion: self) {
             fileIOCompleted(context: UInt64(slot), result: result)
@@ -87,6 +96,7 @@ public final class RawDriver: BlockDevice {
 
     public func write(offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, tag: UInt64, handler: BlockIOHandler) {
         if buffer.count == 0 { return handler.blockIOCompleted(tag: tag, outcome: .done) }
+        if let e = faults?.fault(.write, offset: offset, length: UInt64(buffer.count)) { return fail(tag, handler, e) }
         let slot = inFlight.insert(tag: tag, handler: handler, kind: .other)
         if case .done(let result) = io.write(fd: fd, from: buffer, offset: offset, dsync: fua,
                                              context: UInt64(slot), completion: self) {
@@ -95,6 +105,7 @@ public final class RawDriver: BlockDevice {
     }
 
     public func flush(tag: UInt64, handler: BlockIOHandler) {
+        if let e = faults?.fault(.sync) { return fail(tag, handler, e) }
         let slot = inFlight.insert(tag: tag, handler: handler, kind: .other)
         io.fdatasync(fd: fd, context: UInt64(slot), completion: self)
     }
@@ -103,6 +114,7 @@ public final class RawDriver: BlockDevice {
 
     public func writeZeroes(offset: UInt64, length: UInt64, options: ZeroOptions, tag: UInt64, handler: BlockIOHandler) {
         if length == 0 { return handler.blockIOCompleted(tag: tag, outcome: .done) }
+        if let e = faults?.fault(.write, offset: offset, length: length) { return fail(tag, handler, e) }
         let fd = self.fd
         let canPunch = capabilities.canTrim
         runJob(tag: tag, handler: handler, ordered: true) {
@@ -112,6 +124,7 @@ public final class RawDriver: BlockDevice {
 
     public func trim(offset: UInt64, length: UInt64, fua: Bool, tag: UInt64, handler: BlockIOHandler) {
         if length == 0 { return handler.blockIOCompleted(tag: tag, outcome: .done) }
+        if let e = faults?.fault(.punch, offset: offset, length: length) { return fail(tag, handler, e) }
         let fd = self.fd
         runJob(tag: tag, handler: handler, ordered: true) {
             RawZeroing.punch(fd: fd, offset: offset, length: length, sync: fua)
@@ -132,6 +145,11 @@ public final class RawDriver: BlockDevice {
         let job = ExtentScan(fd: fd, offset: offset, length: length, isBlockDevice: isBlockDevice)
         let slot = inFlight.insert(tag: tag, handler: handler, kind: .blockStatus(job))
         io.run(context: UInt64(slot), completion: self) { job.scan() }
+    }
+
+    /// Test-only: completes a request with an injected errno instead of issuing it.
+    private func fail(_ tag: UInt64, _ handler: BlockIOHandler, _ errno: Int32) {
+        handler.blockIOCompleted(tag: tag, outcome: .failed(BlockError(errno: errno, message: "injected fault")))
     }
 
     /// `ordered`: jobs that change the image go in FileIO's ordered lane, behind earlier writes.

@@ -555,7 +555,7 @@ struct EngineWriteTests {
         // Stage C: four new tables. Fail one; the others complete; no L1 write follows.
         let l2 = shell.indices(isTableWrite)
         #expect(l2.count == 4)
-        shell.run(l2[1], fail: 28)
+        shell.run(l2[1], fail: 5)
         shell.runAll()
         #expect(shell.error(10)?.errno == 5)
         #expect(!shell.log.contains { $0.op == .write(img.header.l1TableOffset, cs) })
