@@ -166,7 +166,10 @@ class Workload:
             return False
         if kind in ("write", "fua"):
             data = self.rnd.randbytes(length)
-            buf = T.nbd.Buffer.from_bytearray(bytearray(data))
+            # Plain bytearrays, not nbd.Buffer: libnbd 1.14's Python binding never frees the memory
+            # of an nbd.Buffer passed to an aio call (1 MiB leaked per 1 MiB request), which took this
+            # script to 21 GiB on the 2 MiB-cluster cases.
+            buf = bytearray(data)
             cookie = h.aio_pwrite(buf, off, flags=T.nbd.CMD_FLAG_FUA if kind == "fua" else 0)
             self.model[off:off + length] = data
             expected = None
@@ -180,7 +183,7 @@ class Workload:
             self.trim_effect(off, length)
             buf = expected = None
         else:
-            buf = T.nbd.Buffer(length)
+            buf = bytearray(length)
             cookie = h.aio_pread(buf, off)
             expected = bytes(self.model[off:off + length])
         self.inflight[(hi, cookie)] = (kind, off, length, expected, buf)
@@ -202,7 +205,7 @@ class Workload:
             if kind != "flush":
                 self.busy.remove((off, length))
             if kind == "read" and not self.errors:
-                got = buf.to_bytearray()
+                got = buf
                 if got != expected:
                     bad = next(i for i in range(length) if got[i] != expected[i])
                     self.errors.append("read at %d+%d differs from the model at byte %d" % (off, length, off + bad))
@@ -300,7 +303,7 @@ def run_case(case, workdir=None, timeout=240):
 
 
 def matrix():
-    """The full matrix the issue asks for (extended L2 is read-only for now and not in it)."""
+    """The full matrix the issue asks for."""
     for cluster, bits, compat, backing, lazy in itertools.product(
             [512, 4096, 65536, 2 * MiB], [1, 16, 64], ["0.10", "1.1"], [None, "qcow2", "raw"], [False, True]):
         if compat == "0.10" and (bits != 16 or lazy):
