@@ -34,6 +34,8 @@ public final class QCow2Driver: BlockDevice {
     /// structure or the failed write), so the operator sees why in the log.
     public var onFailure: ((String) -> Void)?
     private var closing: (tag: UInt64, handler: BlockIOHandler, passes: Int)?
+    /// Test-only log of host-file changes (QNBD_TEST_WRITE_LOG); nil in normal use.
+    private let recorder: WriteRecorder?
 
     /// Longest backing chain accepted; deeper chains are refused as a likely loop or attack.
     public static let maximumChainDepth = 64
@@ -131,6 +133,7 @@ public final class QCow2Driver: BlockDevice {
         var text = "qcow2 v\(header.version) \(path), \(header.size) bytes, \(header.clusterSize)-byte clusters"
         if let backing { text += ", backed by \(backing.summary)" }
         self.summary = text
+        self.recorder = writable ? WriteRecorder.fromEnvironment(fileSize: fileSize) : nil
         ok = true
     }
 
@@ -149,7 +152,9 @@ public final class QCow2Driver: BlockDevice {
     }
 
     public func write(offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, tag: UInt64, handler: BlockIOHandler) {
-        engine.write(tag: callers.insert(tag: tag, handler: handler), offset: offset, from: buffer, fua: fua)
+        let requestTag = callers.insert(tag: tag, handler: handler)
+        if fua { recorder?.asked(.fuaWrite, tag: requestTag) }
+        engine.write(tag: requestTag, offset: offset, from: buffer, fua: fua)
         pump()
     }
 
@@ -166,7 +171,9 @@ public final class QCow2Driver: BlockDevice {
     }
 
     public func flush(tag: UInt64, handler: BlockIOHandler) {
-        engine.flush(tag: callers.insert(tag: tag, handler: handler))
+        let requestTag = callers.insert(tag: tag, handler: handler)
+        recorder?.asked(.flush, tag: requestTag)
+        engine.flush(tag: requestTag)
         pump()
     }
 
@@ -206,6 +213,7 @@ public final class QCow2Driver: BlockDevice {
     }
 
     private func execute(_ action: IOAction) {
+        recorder?.issuing(action)
         switch action {
         case .readFile(let token, let offset, let buffer):
             if injectedFault(token, .read, offset, buffer.count) { return }
@@ -218,6 +226,7 @@ public final class QCow2Driver: BlockDevice {
             let context = UInt64(token.raw)
             if case .done(let result) = io.write(fd: fd, from: buffer, offset: offset, dsync: dsync, context: context,
                                                  completion: self) {
+                recorder?.completed(token: token.raw, result: result)
                 engine.completed(token, result: result < 0 ? .failure(Int32(-result)) : .success)
             }
         case .syncFile(let token):
@@ -319,6 +328,7 @@ public final class QCow2Driver: BlockDevice {
 
 extension QCow2Driver: FileIOCompletion {
     public func fileIOCompleted(context: UInt64, result: Int) {
+        recorder?.completed(token: UInt32(context), result: result)
         engine.completed(IOToken(raw: UInt32(context)), result: result < 0 ? .failure(Int32(-result)) : .success)
         pump()
     }
