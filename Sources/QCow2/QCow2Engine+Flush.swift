@@ -193,6 +193,11 @@ extension QCow2Engine {
         }
         for (gen, clusters) in flush.frees {
             for c in clusters.sorted() {
+                // An entry that pointed at metadata was unlinked: the metadata stays where it is.
+                if isMetadata(cluster: c) {
+                    markCorrupt("a data reference to metadata cluster \(hex(c * geometry.clusterSize)) was removed")
+                    continue
+                }
                 guard refcounts!.release(cluster: c, epoch: epoch, generation: gen) else { continue }
                 // Punch only what no older I/O can still touch; the rest is simply reusable.
                 guard oldest.map({ gen <= $0 }) ?? true, refcounts!.withhold(cluster: c) else { continue }

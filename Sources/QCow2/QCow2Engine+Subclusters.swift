@@ -88,6 +88,7 @@ extension QCow2Engine {
             guard host + cluster <= hostLimit else {
                 throw QCow2Error("L2 entry \(index)", "data cluster at \(hex(host)) lies outside the image file")
             }
+            try checkDataTarget(host, count: cluster, entry: index)
             let token = issue(.writeInPlace(request: id))
             writes[id].pending += 1
             outbox.append(.writeFile(token, offset: host + inCluster, from: source, dsync: false))
@@ -122,6 +123,7 @@ extension QCow2Engine {
         if oldHost != 0 && oldHost + cluster > hostLimit {
             throw QCow2Error("L2 entry \(index)", "data cluster at \(hex(oldHost)) lies outside the image file")
         }
+        if fillIn { try checkDataTarget(host, count: cluster, entry: index) }
         // The buffer covers the touched subclusters (the whole cluster for a private copy).
         let origin = shared ? 0 : first * Int(unit)
         let end = shared ? Int(cluster) : (last + 1) * Int(unit)
