@@ -136,7 +136,20 @@ extension QCow2Engine {
         writes[id].pending += 1
         writes[id].position += length
         // Fill what the write does not cover, subcluster by subcluster, from the guest view.
-        for gap in [origin..<Int(inCluster), Int(inCluster + length)..<end] where !gap.isEmpty {
+        do {
+            try fillGaps(a, mapping: mapping, bitmap: bitmap, index: index, oldHost: oldHost, guestCluster: guestCluster,
+                         gaps: [origin..<Int(inCluster), Int(inCluster + length)..<end], origin: origin)
+        } catch {
+            abandon(a)
+            throw error
+        }
+        if allocations[a].pendingCOW == 0 { issueAllocationWrite(a) }
+    }
+
+    private func fillGaps(_ a: Int, mapping: ClusterMapping, bitmap: UInt64, index: Int, oldHost: UInt64,
+                          guestCluster: UInt64, gaps: [Range<Int>], origin: Int) throws(QCow2Error) {
+        let unit = geometry.subclusterSize
+        for gap in gaps where !gap.isEmpty {
             var lo = gap.lowerBound
             while lo < gap.upperBound {
                 let sub = lo / Int(unit)
@@ -157,6 +170,5 @@ extension QCow2Engine {
                 lo = hi
             }
         }
-        if allocations[a].pendingCOW == 0 { issueAllocationWrite(a) }
     }
 }

@@ -241,7 +241,12 @@ extension QCow2Engine {
                                    oldWords: old, buffer: buffer, writeOffset: host, source: UnsafeRawBufferPointer(buffer)),
                         slot: slot, guestCluster: guestCluster)
         let gaps = [0..<Int(inCluster), Int(inCluster + length)..<Int(cluster)].filter { !$0.isEmpty }
-        try copyOnWrite(a, mapping: mapping, guestCluster: guestCluster, gaps: gaps)
+        do {
+            try copyOnWrite(a, mapping: mapping, guestCluster: guestCluster, gaps: gaps)
+        } catch {
+            abandon(a)
+            throw error
+        }
         if allocations[a].pendingCOW == 0 { issueAllocationWrite(a) }
     }
 
@@ -296,6 +301,17 @@ extension QCow2Engine {
             allocations[a].cowGaps = gaps
             allocations[a].cowOrigin = origin
             outbox.append(.readFile(token, offset: host, into: source))
+        }
+    }
+
+    /// An allocation whose old contents turned out to be unreadable (corrupt metadata): undone as if
+    /// its write had failed, once any copy-on-write reads already issued are back, so that its request
+    /// is answered and its reservation released instead of hanging everyone behind it.
+    func abandon(_ a: Int) {
+        if allocations[a].pendingCOW == 0 {
+            allocationWritten(a, errno: EIO_)
+        } else if allocations[a].error == nil {
+            allocations[a].error = EIO_
         }
     }
 

@@ -62,6 +62,23 @@ struct HostileWriteTests {
         #expect(shell.engine.failure != nil)
     }
 
+    /// The first write reserved the cluster and then found its COW source invalid: it and the write
+    /// parked behind its reservation used to wait forever.
+    @Test func anInvalidCOWSourceFailsItsWritesInsteadOfHangingThem() throws {
+        let img = writableImage { img in
+            let x = img.geometry.compressedOffsetBits
+            img.setL2(0, L2Entry.compressedFlag | (UInt64(1) << UInt64(x - 1)))
+        }
+        let shell = try WriteShell(img)
+        shell.write(1, 10, patternBytes(3, 100))
+        shell.write(2, 300, patternBytes(4, 50))
+        shell.runAll()
+        #expect(shell.error(1)?.errno == 5)
+        #expect(shell.error(2)?.errno == 5)
+        #expect(shell.engine.activeRequests == 0)
+        #expect(shell.engine.reservations.isEmpty)
+    }
+
     private func setRefcount(_ img: inout TestImage, cluster: Int, to value: UInt64) {
         let block = Int(img.file.be64(Int(img.header.refcountTableOffset)))
         let order = img.geometry.refcountOrder
