@@ -11,6 +11,10 @@
 // for free: when too many requests or bytes are in flight (including replies a slow reader has not
 // drained), reading stops until the backlog falls below half the bound.
 //
+// Back-pressure alone would let a client that sends requests and never reads the replies hold its
+// buffers forever, so one timer per connection watches the socket while replies are queued: when the
+// kernel has taken no byte of them for the send timeout, the connection is cut off.
+//
 // Ending. DISC, shutdown or a peer close stop reading; the connection closes once nothing is in flight,
 // and its memory is released only after the driver has completed everything it was given, because the
 // driver may still be writing into our buffers.
@@ -56,7 +60,10 @@ final class Connection {
     // modifies one of these while another access to it is open.
     @exclusivity(unchecked) private(set) var phase: Phase = .handshaking
     private var handshake: Handshake?
-    private var handshakeTimer: LoopTimer?
+    /// The handshake deadline, then the send-stall watch (see `watchSendProgress`).
+    private var timer: LoopTimer?
+    private var bytesWrittenAtLastCheck: UInt64 = 0
+    private var checksWithoutProgress = 0
     @exclusivity(unchecked) private var validator: RequestValidator?
     @exclusivity(unchecked) private var encoder = ReplyEncoder(style: .simple)
     @exclusivity(unchecked) private var headerSize = 28
@@ -93,7 +100,7 @@ final class Connection {
         self.staging = .allocate(byteCount: Self.stagingSize, alignment: 16)
         self.handshake = Handshake(exports: [export.descriptor])
         let timer = LoopTimer(loop: loop)
-        self.handshakeTimer = timer
+        self.timer = timer
         stream.delegate = self
         // Replies produced in one loop turn (pipelined requests answered from the page cache, a batch of
         // pool completions) leave in one writev instead of one each.
@@ -247,8 +254,7 @@ final class Connection {
 
     private func enterTransmission(_ session: NegotiatedSession) {
         handshake = nil
-        handshakeTimer?.close()
-        handshakeTimer = nil
+        watchSendProgress()
         self.session = session
         validator = RequestValidator(session: session)
         encoder = ReplyEncoder(style: ReplyStyle(session: session))
@@ -573,6 +579,48 @@ final class Connection {
         closeIfIdle()
     }
 
+    // MARK: - Send stalls
+
+    /// A timeout is checked this many times, so a stall is noticed between one and 1.25 timeouts
+    /// after the last byte left.
+    private static let checksPerSendTimeout = 4
+
+    /// Turns the handshake timer into a periodic check of reply progress (or closes it when the
+    /// send timeout is off): one timer per connection, and nothing at all per request.
+    private func watchSendProgress() {
+        guard let timer else { return }
+        let timeout = limits.sendTimeoutMilliseconds
+        guard timeout > 0 else {
+            timer.close()
+            self.timer = nil
+            return
+        }
+        let period = max(timeout / UInt64(Self.checksPerSendTimeout), 1)
+        bytesWrittenAtLastCheck = stream.bytesWritten
+        checksWithoutProgress = 0
+        timer.start(afterMilliseconds: period, repeatMilliseconds: period) { [unowned self] in
+            self.checkSendProgress()
+        }
+    }
+
+    private func checkSendProgress() {
+        guard !streamClosed else { return }
+        let written = stream.bytesWritten
+        let queued = stream.pendingWriteBytes
+        if queued == 0 || written != bytesWrittenAtLastCheck {
+            bytesWrittenAtLastCheck = written
+            checksWithoutProgress = 0
+            return
+        }
+        checksWithoutProgress += 1
+        guard checksWithoutProgress > Self.checksPerSendTimeout else { return }
+        log.info("connection \(id) from \(stream.peerDescription): the client read none of \(queued) queued reply "
+                 + "bytes for \(limits.sendTimeoutMilliseconds) ms, closing")
+        close()
+        // After DISC or shutdown the phase is already closed while the replies drain; cut that off too.
+        stream.close()
+    }
+
     // MARK: - Closing
 
     private func closeIfIdle() {
@@ -587,8 +635,8 @@ final class Connection {
     func close() {
         guard phase != .closed else { return }
         phase = .closed
-        handshakeTimer?.close()
-        handshakeTimer = nil
+        timer?.close()
+        timer = nil
         stopReading()
         stream.close()
     }
@@ -606,8 +654,8 @@ final class Connection {
         budget.forget(self)
         streamClosed = true
         phase = .closed
-        handshakeTimer?.close()
-        handshakeTimer = nil
+        timer?.close()
+        timer = nil
         // Slots still receiving a payload never reached the driver; driver-owned ones finish later, and
         // libuv has already cancelled queued replies through their write callbacks.
         for i in slab.slots.indices where slab[i].stage == .receivingPayload {
@@ -652,6 +700,9 @@ public struct ConnectionLimits: Sendable {
     public var maximumInFlightBytes = 64 << 20
     /// A client must finish the handshake within this time.
     public var handshakeTimeoutMilliseconds: UInt64 = 10_000
+    /// A connection whose queued replies make no progress for this long is closed (0: never), so a
+    /// client that stops reading cannot pin its buffers.
+    public var sendTimeoutMilliseconds: UInt64 = 30_000
 
     public init() {}
 }

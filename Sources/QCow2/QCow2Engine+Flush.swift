@@ -269,6 +269,11 @@ extension QCow2Engine {
             // Punch only what no older I/O can still touch; the rest is simply reusable.
             let punchable = oldest.map { gen <= $0 } ?? true
             for c in clusters.sorted() {
+                // An entry that pointed at metadata was unlinked: the metadata stays where it is.
+                if isMetadata(cluster: c) {
+                    markCorrupt("a data reference to metadata cluster \(hex(c * geometry.clusterSize)) was removed")
+                    continue
+                }
                 guard refcounts!.release(cluster: c, epoch: epoch) else { continue }
                 guard punchable else {
                     refcounts!.makeReusable(cluster: c, generation: gen)

@@ -88,6 +88,7 @@ extension QCow2Engine {
             guard host + cluster <= hostLimit else {
                 throw QCow2Error("L2 entry \(index)", "data cluster at \(hex(host)) lies outside the image file")
             }
+            try checkDataTarget(host, count: cluster, entry: index)
             let token = issue(.writeInPlace(request: id))
             writes[id].pending += 1
             outbox.append(.writeFile(token, offset: host + inCluster, from: source, dsync: false))
@@ -122,6 +123,7 @@ extension QCow2Engine {
         if oldHost != 0 && oldHost + cluster > hostLimit {
             throw QCow2Error("L2 entry \(index)", "data cluster at \(hex(oldHost)) lies outside the image file")
         }
+        if fillIn { try checkDataTarget(host, count: cluster, entry: index) }
         // The buffer covers the touched subclusters (the whole cluster for a private copy).
         let origin = shared ? 0 : first * Int(unit)
         let end = shared ? Int(cluster) : (last + 1) * Int(unit)
@@ -134,7 +136,20 @@ extension QCow2Engine {
         writes[id].pending += 1
         writes[id].position += length
         // Fill what the write does not cover, subcluster by subcluster, from the guest view.
-        for gap in [origin..<Int(inCluster), Int(inCluster + length)..<end] where !gap.isEmpty {
+        do {
+            try fillGaps(a, mapping: mapping, bitmap: bitmap, index: index, oldHost: oldHost, guestCluster: guestCluster,
+                         gaps: [origin..<Int(inCluster), Int(inCluster + length)..<end], origin: origin)
+        } catch {
+            abandon(a)
+            throw error
+        }
+        if allocations[a].pendingCOW == 0 { issueAllocationWrite(a) }
+    }
+
+    private func fillGaps(_ a: Int, mapping: ClusterMapping, bitmap: UInt64, index: Int, oldHost: UInt64,
+                          guestCluster: UInt64, gaps: [Range<Int>], origin: Int) throws(QCow2Error) {
+        let unit = geometry.subclusterSize
+        for gap in gaps where !gap.isEmpty {
             var lo = gap.lowerBound
             while lo < gap.upperBound {
                 let sub = lo / Int(unit)
@@ -155,6 +170,5 @@ extension QCow2Engine {
                 lo = hi
             }
         }
-        if allocations[a].pendingCOW == 0 { issueAllocationWrite(a) }
     }
 }

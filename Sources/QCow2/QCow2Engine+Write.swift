@@ -112,6 +112,7 @@ extension QCow2Engine {
         let g = geometry
         if entry & L1Entry.offsetMask == 0 {
             let host = refcounts!.allocateOne(epoch: epoch, oldestInFlight: oldestInFlight)
+            l2TableClusters.insert(host / g.clusterSize)
             let slot = cache.makeSlot(l1Index: l1Index, hostOffset: host)
             slot.table.initializeMemory(as: UInt8.self, repeating: 0)
             slot.dirtyEpoch = epoch
@@ -130,6 +131,8 @@ extension QCow2Engine {
             // The table is shared (a snapshot refers to it): write a private copy, whose entries keep
             // their COPIED bits, so shared data clusters are still copied on write.
             let host = refcounts!.allocateOne(epoch: epoch, oldestInFlight: oldestInFlight)
+            l2TableClusters.insert(host / g.clusterSize)
+            l2TableClusters.remove(slot.hostOffset / g.clusterSize)
             let copy = cache.makeSlot(l1Index: l1Index, hostOffset: host)
             copy.table.copyMemory(from: UnsafeRawBufferPointer(slot.table))
             copy.dirtyEpoch = epoch
@@ -176,6 +179,7 @@ extension QCow2Engine {
             guard host + inCluster + length <= hostLimit else {
                 throw QCow2Error("L2 entry \(index)", "data cluster at \(hex(host)) lies outside the image file")
             }
+            try checkDataTarget(host + inCluster, count: length, entry: index)
             let token = issue(.writeInPlace(request: id))
             writes[id].pending += 1
             outbox.append(.writeFile(token, offset: host + inCluster,
@@ -237,7 +241,12 @@ extension QCow2Engine {
                                    oldWords: old, buffer: buffer, writeOffset: host, source: UnsafeRawBufferPointer(buffer)),
                         slot: slot, guestCluster: guestCluster)
         let gaps = [0..<Int(inCluster), Int(inCluster + length)..<Int(cluster)].filter { !$0.isEmpty }
-        try copyOnWrite(a, mapping: mapping, guestCluster: guestCluster, gaps: gaps)
+        do {
+            try copyOnWrite(a, mapping: mapping, guestCluster: guestCluster, gaps: gaps)
+        } catch {
+            abandon(a)
+            throw error
+        }
         if allocations[a].pendingCOW == 0 { issueAllocationWrite(a) }
     }
 
@@ -292,6 +301,17 @@ extension QCow2Engine {
             allocations[a].cowGaps = gaps
             allocations[a].cowOrigin = origin
             outbox.append(.readFile(token, offset: host, into: source))
+        }
+    }
+
+    /// An allocation whose old contents turned out to be unreadable (corrupt metadata): undone as if
+    /// its write had failed, once any copy-on-write reads already issued are back, so that its request
+    /// is answered and its reservation released instead of hanging everyone behind it.
+    func abandon(_ a: Int) {
+        if allocations[a].pendingCOW == 0 {
+            allocationWritten(a, errno: EIO_)
+        } else if allocations[a].error == nil {
+            allocations[a].error = EIO_
         }
     }
 

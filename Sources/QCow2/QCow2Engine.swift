@@ -53,6 +53,9 @@ public final class QCow2Engine {
     @exclusivity(unchecked) var generation: UInt64 = 0
     @exclusivity(unchecked) var inFlight = InFlightGenerations()
     @exclusivity(unchecked) var flush = FlushState()
+    /// Host clusters holding the L2 tables the L1 table points to (writable images), so that a data
+    /// write or a free that would land on one is caught (see `isMetadata`).
+    @exclusivity(unchecked) var l2TableClusters: Set<UInt64> = []
     /// Set after a metadata write or sync failed for a reason other than space: the image is read-only
     /// from then on (H10).
     @exclusivity(unchecked) public private(set) var failure: String?
@@ -101,6 +104,7 @@ public final class QCow2Engine {
             if offset != 0 && (offset < geometry.clusterSize || offset >= fileSize) {
                 throw QCow2Error("L1 entry \(i)", "L2 table offset \(hex(offset)) outside the image file")
             }
+            if offset != 0 && writable { l2TableClusters.insert(offset / geometry.clusterSize) }
         }
         outbox.reserveCapacity(64)
     }
@@ -124,9 +128,49 @@ public final class QCow2Engine {
         for (index, bytes) in blocks {
             bytes.withUnsafeBytes { state.install(index: index, bytes: $0) }
         }
+        do {
+            try Self.checkMetadataLayout(header: header, l1: l1, refcounts: state)
+        } catch {
+            state.deallocate()
+            throw error
+        }
         state.collectFreeClusters()
         try self.init(header: header, l1: l1, fileSize: fileSize, backingSize: backingSize, cacheBytes: cacheBytes,
                       refcounts: state)
+    }
+
+    /// Before anything is written: the header, the L1 and refcount tables, the refcount blocks and the
+    /// L2 tables must each own their clusters, and each must be counted. A hostile image that points one
+    /// structure into another, or calls a table's cluster free, would otherwise have its metadata
+    /// overwritten by the allocator or by a write through the other structure.
+    static func checkMetadataLayout(header: Header, l1: [UInt64], refcounts: RefcountState) throws(QCow2Error) {
+        let g = Geometry(header: header)
+        let c = g.clusterSize
+        var owners: [UInt64: String] = [0: "the header"]
+        func claim(_ first: UInt64, count: UInt64, _ owner: String, _ structure: String) throws(QCow2Error) {
+            for k in first..<(first + count) {
+                if let other = owners[k] {
+                    throw QCow2Error(structure, "cluster \(hex(k * c)) of \(owner) is also \(other)")
+                }
+                owners[k] = owner
+                if refcounts.refcount(ofCluster: k) == 0 {
+                    throw QCow2Error(structure, "cluster \(hex(k * c)) of \(owner) has refcount 0")
+                }
+            }
+        }
+        if refcounts.refcount(ofCluster: 0) == 0 { throw QCow2Error("header", "the header cluster has refcount 0") }
+        if header.l1Size > 0 {
+            let l1End = header.l1TableOffset + UInt64(header.l1Size) * 8
+            try claim(header.l1TableOffset / c, count: (l1End + c - 1) / c - header.l1TableOffset / c, "the L1 table", "L1 table")
+        }
+        try claim(header.refcountTableOffset / c, count: UInt64(header.refcountTableClusters), "the refcount table",
+                  "refcount table")
+        for (i, offset) in refcounts.table.enumerated() where offset != 0 {
+            try claim(offset / c, count: 1, "refcount block \(i)", "refcount table entry \(i)")
+        }
+        for (i, raw) in l1.enumerated() where raw & L1Entry.offsetMask != 0 {
+            try claim((raw & L1Entry.offsetMask) / c, count: 1, "the L2 table of L1 entry \(i)", "L1 entry \(i)")
+        }
     }
 
     deinit {
@@ -291,6 +335,25 @@ public final class QCow2Engine {
             let r = statuses.remove(id)
             outbox.append(.complete(r.tag, .failed(error)))
         case .write(let id): failWrite(id, error)
+        }
+    }
+
+    /// Whether host cluster `c` holds metadata right now: the header, the L1 or refcount table, a
+    /// refcount block or an L2 table. Data never goes there; when an L2 entry says it does, the
+    /// tables point into each other.
+    func isMetadata(cluster c: UInt64) -> Bool {
+        if c == 0 || l2TableClusters.contains(c) { return true }
+        let l1First = header.l1TableOffset / geometry.clusterSize
+        let l1End = (header.l1TableOffset + UInt64(header.l1Size) * 8 + geometry.clusterSize - 1) / geometry.clusterSize
+        if header.l1Size > 0 && c >= l1First && c < l1End { return true }
+        return refcounts?.holdsMetadata(cluster: c) ?? false
+    }
+
+    /// Refuses data I/O to `count` bytes at `host` when they reach a metadata cluster.
+    func checkDataTarget(_ host: UInt64, count: UInt64, entry index: Int) throws(QCow2Error) {
+        let c = geometry.clusterSize
+        for k in (host / c)...((host + max(count, 1) - 1) / c) where isMetadata(cluster: k) {
+            throw QCow2Error("L2 entry \(index)", "data cluster at \(hex(host)) overlaps metadata at \(hex(k * c))")
         }
     }
 

@@ -32,6 +32,9 @@ struct RefcountState {
     private(set) var movedTable: (offset: UInt64, clusters: Int, epoch: UInt64)?
     /// First cluster index at or past the end of everything allocated.
     private(set) var endCluster: UInt64
+    /// Clusters of the refcount table (the current one and a grown one not yet switched to) and of the
+    /// refcount blocks.
+    private(set) var metadataClusters: Set<UInt64> = []
     /// Clusters whose count reached zero and that may be handed out again (subject to the generation check).
     private(set) var free = FreeClusters()
 
@@ -41,7 +44,12 @@ struct RefcountState {
         self.tableOffset = tableOffset
         self.tableClusters = tableClusters
         self.endCluster = endCluster
+        let first = tableOffset / geometry.clusterSize
+        for k in 0..<UInt64(tableClusters) { metadataClusters.insert(first + k) }
+        for offset in table where offset != 0 { metadataClusters.insert(offset / geometry.clusterSize) }
     }
+
+    func holdsMetadata(cluster c: UInt64) -> Bool { metadataClusters.contains(c) }
 
     /// Installs a refcount block read from the file at open.
     mutating func install(index: Int, bytes: UnsafeRawBufferPointer) {
@@ -135,6 +143,7 @@ struct RefcountState {
         blocks[t] = block
         let home = endCluster
         endCluster += 1
+        metadataClusters.insert(home)
         table[t] = home * geometry.clusterSize
         noteTableChange(t, epoch: epoch)
         dirtyBlocks[t] = epoch
@@ -156,6 +165,7 @@ struct RefcountState {
             for k in 0..<UInt64(unwritten.clusters) {
                 setRefcount(ofCluster: first + k, to: 0, epoch: epoch)
                 free.insert(first + k, generation: 0)
+                metadataClusters.remove(first + k)
             }
         }
         var clusters = max(oldClusters * 3 / 2, (t + 1 + entriesPerCluster - 1) / entriesPerCluster)
@@ -165,6 +175,7 @@ struct RefcountState {
         endCluster += UInt64(clusters)
         table += [UInt64](repeating: 0, count: clusters * entriesPerCluster - table.count)
         movedTable = (first * geometry.clusterSize, clusters, epoch)
+        for k in 0..<UInt64(clusters) { metadataClusters.insert(first + k) }
         dirtyTableEntries.removeAll()
         for k in 0..<UInt64(clusters) { setRefcount(ofCluster: first + k, to: 1, epoch: epoch) }
     }
@@ -218,6 +229,8 @@ struct RefcountState {
             for (i, v) in table.enumerated() where i * 8 < bytes.count { bytes.setBE64(v, at: i * 8) }
             c.newTable = (moved.offset, moved.clusters, bytes)
             c.oldTable = (tableOffset, tableClusters)
+            // The old table is freed once the switch is durable (end of this flush).
+            for k in 0..<UInt64(tableClusters) { metadataClusters.remove(tableOffset / geometry.clusterSize + k) }
             tableOffset = moved.offset
             tableClusters = moved.clusters
             movedTable = nil

@@ -143,6 +143,8 @@ public final class SocketStream {
     @exclusivity(unchecked) private var finishedHead = 0
     @exclusivity(unchecked) private var draining = false
     @exclusivity(unchecked) private var flushScheduled = false
+    /// Bytes the kernel took directly plus bytes handed to uv_write; see `bytesWritten`.
+    @exclusivity(unchecked) private var bytesAccepted: UInt64 = 0
 
     /// Accepts one pending connection from `server`. On failure the fresh handle is
     /// closed and freed by libuv's close callback; no SocketStream exists.
@@ -259,6 +261,7 @@ public final class SocketStream {
                 return .failed(UVError(code: written))
             }
             var skip = Int(max(written, 0))
+            bytesAccepted &+= UInt64(skip)
             if skip == total { return .completed }
 
             // Drop what the kernel took: whole buffers, then the head of a partial one.
@@ -304,6 +307,7 @@ public final class SocketStream {
             if written < 0 && written != UV_EAGAIN.rawValue {
                 status = written
             } else if Int(max(written, 0)) < total {
+                bytesAccepted &+= UInt64(max(written, 0))
                 // Drop what the kernel took: whole buffers, then the head of a partial one.
                 var skip = Int(max(written, 0))
                 var first = 0
@@ -318,12 +322,15 @@ public final class SocketStream {
                 // libuv copies the uv_buf_t array, so `gathered` may be reused at once.
                 let rc = uv_write(&request.pointee.uv, stream, bufs.baseAddress! + first, UInt32(bufs.count - first), onWrite)
                 if rc == 0 {
+                    bytesAccepted &+= UInt64(total - Int(max(written, 0)))
                     queuedContexts.append(contentsOf: gatheredContexts)
                     gatheredContexts.removeAll()
                     return
                 }
                 recycle(request)
                 status = rc
+            } else {
+                bytesAccepted &+= UInt64(total)
             }
         }
         for i in 0..<gatheredContexts.count {
@@ -361,6 +368,7 @@ public final class SocketStream {
     }
 
     private func queue(_ bufs: UnsafeMutableBufferPointer<uv_buf_t>, context: UInt64) -> WriteOutcome {
+        for buf in bufs { bytesAccepted &+= UInt64(buf.len) }
         let chunks = (bufs.count + buffersPerRequest - 1) / buffersPerRequest
         let last = takeWriteRequest()
         last.pointee.context = context
@@ -375,6 +383,7 @@ public final class SocketStream {
                 precondition(chunk == 0, "uv_write failed after an earlier chunk was queued: \(UVError(code: rc))")
                 if request != last { recycle(request) }
                 recycle(last)
+                for buf in bufs { bytesAccepted &-= UInt64(buf.len) }
                 return .failed(UVError(code: rc))
             }
         }
@@ -422,6 +431,13 @@ public final class SocketStream {
     /// Bytes queued in libuv (uv_stream_get_write_queue_size) or gathered, and not yet written.
     public var pendingWriteBytes: Int {
         Int(uv_stream_get_write_queue_size(stream)) + gatheredBytes
+    }
+
+    /// How many bytes the kernel has taken from this stream so far (wrapping). It moves whenever the
+    /// peer drains anything, even part of a queued write, so an owner can tell a slow reader from one
+    /// that stopped reading by sampling it.
+    public var bytesWritten: UInt64 {
+        bytesAccepted &- UInt64(uv_stream_get_write_queue_size(stream))
     }
 
     // MARK: Options and closing

@@ -93,6 +93,10 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: "Seconds a client has to finish the handshake.")
     var handshakeTimeout: Int = 10
 
+    @Option(name: .long, help: ArgumentHelp(
+        "Close a connection whose replies the client has not read for SECONDS (0: never).", valueName: "SECONDS"))
+    var sendTimeout: Int = 30
+
     @Flag(name: .shortAndLong, help: "More logging (repeat for more).")
     var verbose: Int
 
@@ -102,6 +106,7 @@ struct Serve: ParsableCommand {
         if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
         if !(1...1024).contains(threads) { throw ValidationError("--threads must be between 1 and 1024") }
         if handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1 second") }
+        if !(0...86_400).contains(sendTimeout) { throw ValidationError("--send-timeout must be between 0 and 86400 seconds") }
         if let cacheSize, Self.parseSize(cacheSize) == nil {
             throw ValidationError("--cache-size must be a size such as 1M or 262144, not \(cacheSize)")
         }
@@ -140,6 +145,7 @@ struct Serve: ParsableCommand {
         configuration.threadPoolSize = threads
         configuration.cacheBytes = cacheSize.flatMap(Self.parseSize)
         configuration.connectionLimits.handshakeTimeoutMilliseconds = UInt64(handshakeTimeout) * 1000
+        configuration.connectionLimits.sendTimeoutMilliseconds = UInt64(sendTimeout) * 1000
         configuration.logLevel = [.info, .debug, .trace][min(verbose, 2)]
         // A client that vanishes mid-reply must cost us an EPIPE, not the process.
         signal(SIGPIPE, SIG_IGN)

@@ -1,5 +1,5 @@
-// The connection glue under pressure: pipelining past the in-flight bound, handshake timeouts and a
-// framing error that must close only its own connection.
+// The connection glue under pressure: pipelining past the in-flight bound, handshake timeouts, a
+// client that stops reading its replies, and a framing error that must close only its own connection.
 
 import Foundation
 import NBDProtocol
@@ -58,6 +58,27 @@ import Glibc
         let start = Date()
         #expect(client.receive(1) == nil, "the server must close an idle handshake")
         #expect(Date().timeIntervalSince(start) < 5)
+        #expect(server.shutdown() == 0)
+    }
+
+    @Test func aClientThatStopsReadingRepliesIsCutOff() throws {
+        var limits = ConnectionLimits()
+        limits.sendTimeoutMilliseconds = 200
+        let server = try RunningServer(image: "stall.img", limits: limits)
+        let good = try TestClient(path: server.socketPath)
+        let stalled = try TestClient(path: server.socketPath)
+        #expect(good.handshake() != nil)
+        #expect(stalled.handshake() != nil)
+        // 32 MiB of replies: far more than both socket buffers hold, so most stay queued in the server.
+        for i in 0..<32 {
+            stalled.request(.read, cookie: UInt64(i), offset: UInt64(i % 8) << 20, length: 1 << 20)
+        }
+        // Without reading a byte, wait for the server to hang up (the socket reports the peer's close).
+        #expect(stalled.waitForPeerClose(seconds: 30), "the server must close a connection whose replies sit unread")
+        good.request(.write, cookie: 1, offset: 4096, length: 3, payload: [4, 5, 6])
+        #expect(good.reply { _ in 0 }?.error == 0)
+        good.request(.read, cookie: 2, offset: 4096, length: 3)
+        #expect(good.reply { _ in 3 }?.data == [4, 5, 6])
         #expect(server.shutdown() == 0)
     }
 

@@ -101,6 +101,12 @@ final class TestClient {
         return out
     }
 
+    /// Waits, without reading, until the server closes its end; false after `seconds` without that.
+    func waitForPeerClose(seconds: Int32) -> Bool {
+        var p = pollfd(fd: fd, events: pollPeerHangUp, revents: 0)
+        return poll(&p, 1, seconds * 1000) == 1 && p.revents & (pollPeerHangUp | Int16(POLLHUP)) != 0
+    }
+
     /// Negotiates with NBD_OPT_GO and simple replies; returns the export size.
     func handshake() -> UInt64? {
         guard let greeting = receive(18), greeting.prefix(8).elementsEqual(bytes(NBDMagic.greeting)) else { return nil }
@@ -137,6 +143,9 @@ final class TestClient {
         return (error, cookie, data)
     }
 }
+
+/// POLLRDHUP (Linux), which Glibc's module leaves out: the peer closed or shut down its sending side.
+let pollPeerHangUp: Int16 = 0x2000
 
 func bytes<T: FixedWidthInteger>(_ v: T) -> [UInt8] { withUnsafeBytes(of: v.bigEndian) { Array($0) } }
 func be16(_ b: [UInt8], _ at: Int) -> UInt16 { UInt16(b[at]) << 8 | UInt16(b[at + 1]) }

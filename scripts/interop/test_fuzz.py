@@ -1,6 +1,7 @@
 # A short libFuzzer run of each harness in scripts/fuzz/ (handshake: NBD handshake, request
 # validation and reply encoding; qcow2: header parsing and the read/block-status engine over hostile
-# images). Each test builds its harness (cached in .build-fuzz) and fuzzes it for FUZZ_SECONDS (default
+# images; qcow2-write: hostile images opened writable, with every host write checked for where it
+# lands). Each test builds its harness (cached in .build-fuzz) and fuzzes it for FUZZ_SECONDS (default
 # 20) from the committed seed corpus; any crash, sanitizer report, leak, timeout or OOM fails the test
 # and names the crashing input. The test is skipped (the runner counts a skip as a failure) only when
 # the toolchain has no libFuzzer runtime (scripts/fuzz/run exits 3).
@@ -30,6 +31,9 @@ class FuzzTests(unittest.TestCase):
 
     def test_fuzz_qcow2(self):
         self.fuzz("qcow2")
+
+    def test_fuzz_qcow2_write(self):
+        self.fuzz("qcow2-write")
 
 
 if __name__ == "__main__":
