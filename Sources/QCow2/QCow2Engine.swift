@@ -56,6 +56,8 @@ public final class QCow2Engine {
     /// Host clusters holding the L2 tables the L1 table points to (writable images), so that a data
     /// write or a free that would land on one is caught (see `isMetadata`).
     @exclusivity(unchecked) var l2TableClusters: Set<UInt64> = []
+    /// Host clusters of the snapshot table and the snapshots' L1 tables (never written by qnbd).
+    @exclusivity(unchecked) var snapshotClusters: Set<UInt64> = []
     /// Set after a metadata write or sync failed for a reason other than space: the image is read-only
     /// from then on (H10).
     @exclusivity(unchecked) public private(set) var failure: String?
@@ -119,7 +121,8 @@ public final class QCow2Engine {
     /// A writable engine over refcounts loaded at open: `table` is the refcount table, `blocks` the
     /// refcount blocks by table index.
     public convenience init(header: Header, l1: [UInt64], fileSize: UInt64, backingSize: UInt64?, cacheBytes: Int,
-                            refcountTable table: [UInt64], refcountBlocks blocks: [Int: [UInt8]]) throws(QCow2Error) {
+                            refcountTable table: [UInt64], refcountBlocks blocks: [Int: [UInt8]],
+                            snapshots: SnapshotMetadata = SnapshotMetadata()) throws(QCow2Error) {
         let g = Geometry(header: header)
         var end = (fileSize + g.clusterSize - 1) / g.clusterSize
         end = max(end, (header.refcountTableOffset / g.clusterSize) + UInt64(header.refcountTableClusters))
@@ -129,7 +132,7 @@ public final class QCow2Engine {
             bytes.withUnsafeBytes { state.install(index: index, bytes: $0) }
         }
         do {
-            try Self.checkMetadataLayout(header: header, l1: l1, refcounts: state)
+            try Self.checkMetadataLayout(header: header, l1: l1, refcounts: state, snapshots: snapshots)
         } catch {
             state.deallocate()
             throw error
@@ -137,13 +140,18 @@ public final class QCow2Engine {
         state.collectFreeClusters()
         try self.init(header: header, l1: l1, fileSize: fileSize, backingSize: backingSize, cacheBytes: cacheBytes,
                       refcounts: state)
+        for e in snapshots.extents where e.byteCount > 0 {
+            let c = geometry.clusterSize
+            for k in (e.offset / c)...((e.offset + e.byteCount - 1) / c) { snapshotClusters.insert(k) }
+        }
     }
 
     /// Before anything is written: the header, the L1 and refcount tables, the refcount blocks and the
     /// L2 tables must each own their clusters, and each must be counted. A hostile image that points one
     /// structure into another, or calls a table's cluster free, would otherwise have its metadata
     /// overwritten by the allocator or by a write through the other structure.
-    static func checkMetadataLayout(header: Header, l1: [UInt64], refcounts: RefcountState) throws(QCow2Error) {
+    static func checkMetadataLayout(header: Header, l1: [UInt64], refcounts: RefcountState,
+                                    snapshots: SnapshotMetadata) throws(QCow2Error) {
         let g = Geometry(header: header)
         let c = g.clusterSize
         var owners: [UInt64: String] = [0: "the header"]
@@ -170,6 +178,12 @@ public final class QCow2Engine {
         }
         for (i, raw) in l1.enumerated() where raw & L1Entry.offsetMask != 0 {
             try claim((raw & L1Entry.offsetMask) / c, count: 1, "the L2 table of L1 entry \(i)", "L1 entry \(i)")
+        }
+        // Snapshot L2 tables and data are shared with the active image and counted by it; the tables
+        // that belong to snapshots alone are the snapshot table and their L1 tables.
+        for e in snapshots.extents where e.byteCount > 0 {
+            let first = e.offset / c
+            try claim(first, count: (e.offset + e.byteCount - 1) / c + 1 - first, e.owner, e.owner)
         }
     }
 
@@ -342,7 +356,7 @@ public final class QCow2Engine {
     /// refcount block or an L2 table. Data never goes there; when an L2 entry says it does, the
     /// tables point into each other.
     func isMetadata(cluster c: UInt64) -> Bool {
-        if c == 0 || l2TableClusters.contains(c) { return true }
+        if c == 0 || l2TableClusters.contains(c) || snapshotClusters.contains(c) { return true }
         let l1First = header.l1TableOffset / geometry.clusterSize
         let l1End = (header.l1TableOffset + UInt64(header.l1Size) * 8 + geometry.clusterSize - 1) / geometry.clusterSize
         if header.l1Size > 0 && c >= l1First && c < l1End { return true }

@@ -101,8 +101,14 @@ public final class QCow2Driver: BlockDevice {
         do {
             if writable {
                 let (table, blocks) = try Self.loadRefcounts(fd, header: header, fileSize: fileSize, path: path)
+                let snapshots = try SnapshotMetadata(header: header, fileSize: fileSize) { (offset, count) throws(QCow2Error) in
+                    do throws(BlockError) { return try Self.preadAll(fd, count: count, offset: offset, path: path) } catch {
+                        throw QCow2Error("snapshot table", "cannot be read: \(error.message ?? "errno \(error.errno)")")
+                    }
+                }
                 engine = try QCow2Engine(header: header, l1: l1, fileSize: fileSize, backingSize: backing?.size,
-                                         cacheBytes: cache, refcountTable: table, refcountBlocks: blocks)
+                                         cacheBytes: cache, refcountTable: table, refcountBlocks: blocks,
+                                         snapshots: snapshots)
                 try Self.clearAutoclearBits(fd, header: header, path: path)
             } else {
                 engine = try QCow2Engine(header: header, l1: l1, fileSize: fileSize, backingSize: backing?.size,

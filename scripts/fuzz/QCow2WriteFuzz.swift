@@ -75,8 +75,13 @@ func fuzzWritable(image file: [UInt8], script: [UInt8]) {
     guard blocks.count <= 64 else { return }
     let backingSize: UInt64? = header.backingFileName != nil ? header.size : nil
     let cacheBytes = min(QCow2Engine.defaultCacheBytes(header: header), 4 * Int(cluster))
+    // The snapshot table is parsed as QCow2Driver does; its clusters are protected like other metadata.
+    guard let snapshots = try? SnapshotMetadata(header: header, fileSize: fileSize, read: { (offset, count) throws(QCow2Error) in
+        bytes(file, at: offset, count: count)
+    }) else { return }
     guard let engine = try? QCow2Engine(header: header, l1: l1, fileSize: fileSize, backingSize: backingSize,
-                                        cacheBytes: cacheBytes, refcountTable: table, refcountBlocks: blocks) else { return }
+                                        cacheBytes: cacheBytes, refcountTable: table, refcountBlocks: blocks,
+                                        snapshots: snapshots) else { return }
     let disk = header.size
     guard disk > 0 else { return }
 
@@ -231,6 +236,7 @@ final class WriteShell {
         }
         for offset in refs.table where offset != 0 { set.insert(offset / c) }
         for l2 in l2Clusters() { set.insert(l2) }
+        set.formUnion(engine.snapshotClusters)
         return set
     }
 

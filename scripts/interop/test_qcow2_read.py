@@ -383,6 +383,21 @@ class Qcow2Refused(Qcow2ReadCase):
         msg = self.refuse(img)
         self.assertIn("L1 table", msg)
 
+    def test_snapshot_l1_table_counted_free_is_refused_writable(self):
+        # A hostile refcount block calls the snapshot's L1 table free: written to, the allocator would
+        # hand that cluster out for new data. Read-only serving does not allocate and goes on.
+        img = self.standard("")
+        qemu_img("snapshot", "-c", "s1", img)
+        snapshots = header_field(img, 64, ">Q")
+        snapshot_l1 = header_field(img, snapshots, ">Q")
+        block = header_field(img, header_field(img, 48, ">Q"), ">Q")
+        poke(img, block + 2 * (snapshot_l1 // 65536), b"\0\0")      # 16-bit refcounts, 64 KiB clusters
+        msg = self.refuse(img, read_only=False)
+        self.assertIn("the L1 table of snapshot 0", msg)
+        self.assertIn("refcount 0", msg)
+        srv = T.Server(self.dir, img, read_only=True).start()
+        self.assertEqual(srv.stop(), 0)
+
     def test_encrypted_image_is_refused(self):
         # qnbd does not implement encryption, so it must say so and not serve. (The header is edited
         # rather than made by qemu-img: LUKS creation calibrates PBKDF and fails on a loaded machine.)
