@@ -1,7 +1,7 @@
 # Process-kill crash test (run with /usr/bin/python3): a concurrent write workload with periodic FLUSH
 # against qnbd serving qcow2 (or raw), SIGKILL at a random moment, then the referee:
 #   - `qemu-img check` finds no corruption (leaks are allowed after a crash, and
-#     `qemu-img check -r leaks` must remove them);
+#     `qnbd check --repair leaks` must remove them: qemu-img check is clean afterwards);
 #   - every write acknowledged before the last completed FLUSH was *sent* reads back intact, except
 #     where a later (possibly unfinished) operation touched the same bytes;
 #   - the image reopens and serves.
@@ -152,7 +152,7 @@ def cycle(fmt, cluster, size, seed, workdir=None, duration=None):
             problems.append("qemu-img check rc=%d after the kill:\n%s%s" % (check.returncode, check.stdout, check.stderr))
             return problems, len(log), 0
         if check.returncode == 3:
-            repair = T.run(["qemu-img", "check", "-r", "leaks", "-f", "qcow2", image], check=False, timeout=120)
+            repair = T.run([T.QNBD, "check", "--repair", "leaks", image], check=False, timeout=120)
             again = T.run(["qemu-img", "check", "-f", "qcow2", image], check=False, timeout=120)
             if again.returncode != 0:
                 problems.append("leaks remain after repair:\n%s%s" % (repair.stdout, again.stdout))
