@@ -43,6 +43,11 @@ public struct Geometry: Equatable, Sendable {
     @inline(__always) public func offsetInCluster(_ offset: UInt64) -> UInt64 { offset & (clusterSize - 1) }
     @inline(__always) public func clusterStart(_ offset: UInt64) -> UInt64 { offset & ~(clusterSize - 1) }
     @inline(__always) public func clusterIndex(_ host: UInt64) -> UInt64 { host >> UInt64(clusterBits) }
+    /// The clusters that the bytes [offset, offset + byteCount) touch; empty when there are none.
+    @inline(__always) public func clusters(covering offset: UInt64, byteCount: UInt64) -> Range<UInt64> {
+        let first = clusterIndex(offset)
+        return byteCount == 0 ? first..<first : first..<(clusterIndex(offset + byteCount - 1) + 1)
+    }
 
     /// Reftable index and refblock index of a host cluster.
     @inline(__always)

@@ -85,9 +85,6 @@ extension QCow2Engine {
         }
         if case .normal(let host, true) = mapping, bitmap & touched == touched {
             // Every touched subcluster already holds data of ours: in place.
-            guard host + cluster <= hostLimit else {
-                throw QCow2Error("L2 entry \(index)", "data cluster at \(hex(host)) lies outside the image file")
-            }
             try checkDataTarget(host, count: cluster, entry: index)
             let token = issue(.writeInPlace(request: id))
             writes[id].pending += 1

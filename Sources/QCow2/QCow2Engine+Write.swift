@@ -176,9 +176,6 @@ extension QCow2Engine {
                 expected += cluster
                 next += 1
             }
-            guard host + inCluster + length <= hostLimit else {
-                throw QCow2Error("L2 entry \(index)", "data cluster at \(hex(host)) lies outside the image file")
-            }
             try checkDataTarget(host + inCluster, count: length, entry: index)
             let token = issue(.writeInPlace(request: id))
             writes[id].pending += 1

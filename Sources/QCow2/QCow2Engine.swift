@@ -140,9 +140,8 @@ public final class QCow2Engine {
         state.collectFreeClusters()
         try self.init(header: header, l1: l1, fileSize: fileSize, backingSize: backingSize, cacheBytes: cacheBytes,
                       refcounts: state)
-        for e in snapshots.extents where e.byteCount > 0 {
-            let c = geometry.clusterSize
-            for k in (e.offset / c)...((e.offset + e.byteCount - 1) / c) { snapshotClusters.insert(k) }
+        for e in snapshots.extents {
+            snapshotClusters.formUnion(geometry.clusters(covering: e.offset, byteCount: e.byteCount))
         }
     }
 
@@ -155,8 +154,8 @@ public final class QCow2Engine {
         let g = Geometry(header: header)
         let c = g.clusterSize
         var owners: [UInt64: String] = [0: "the header"]
-        func claim(_ first: UInt64, count: UInt64, _ owner: String, _ structure: String) throws(QCow2Error) {
-            for k in first..<(first + count) {
+        func claim(_ clusters: Range<UInt64>, _ owner: String, _ structure: String) throws(QCow2Error) {
+            for k in clusters {
                 if let other = owners[k] {
                     throw QCow2Error(structure, "cluster \(hex(k * c)) of \(owner) is also \(other)")
                 }
@@ -167,23 +166,19 @@ public final class QCow2Engine {
             }
         }
         if refcounts.refcount(ofCluster: 0) == 0 { throw QCow2Error("header", "the header cluster has refcount 0") }
-        if header.l1Size > 0 {
-            let l1End = header.l1TableOffset + UInt64(header.l1Size) * 8
-            try claim(header.l1TableOffset / c, count: (l1End + c - 1) / c - header.l1TableOffset / c, "the L1 table", "L1 table")
-        }
-        try claim(header.refcountTableOffset / c, count: UInt64(header.refcountTableClusters), "the refcount table",
-                  "refcount table")
+        try claim(g.clusters(covering: header.l1TableOffset, byteCount: UInt64(header.l1Size) * 8), "the L1 table", "L1 table")
+        try claim(g.clusters(covering: header.refcountTableOffset, byteCount: UInt64(header.refcountTableClusters) * c),
+                  "the refcount table", "refcount table")
         for (i, offset) in refcounts.table.enumerated() where offset != 0 {
-            try claim(offset / c, count: 1, "refcount block \(i)", "refcount table entry \(i)")
+            try claim(g.clusters(covering: offset, byteCount: 1), "refcount block \(i)", "refcount table entry \(i)")
         }
         for (i, raw) in l1.enumerated() where raw & L1Entry.offsetMask != 0 {
-            try claim((raw & L1Entry.offsetMask) / c, count: 1, "the L2 table of L1 entry \(i)", "L1 entry \(i)")
+            try claim(g.clusters(covering: raw & L1Entry.offsetMask, byteCount: 1), "the L2 table of L1 entry \(i)", "L1 entry \(i)")
         }
         // Snapshot L2 tables and data are shared with the active image and counted by it; the tables
         // that belong to snapshots alone are the snapshot table and their L1 tables.
-        for e in snapshots.extents where e.byteCount > 0 {
-            let first = e.offset / c
-            try claim(first, count: (e.offset + e.byteCount - 1) / c + 1 - first, e.owner, e.owner)
+        for e in snapshots.extents {
+            try claim(g.clusters(covering: e.offset, byteCount: e.byteCount), e.owner, e.owner)
         }
     }
 
@@ -356,18 +351,20 @@ public final class QCow2Engine {
     /// refcount block or an L2 table. Data never goes there; when an L2 entry says it does, the
     /// tables point into each other.
     func isMetadata(cluster c: UInt64) -> Bool {
-        if c == 0 || l2TableClusters.contains(c) || snapshotClusters.contains(c) { return true }
-        let l1First = header.l1TableOffset / geometry.clusterSize
-        let l1End = (header.l1TableOffset + UInt64(header.l1Size) * 8 + geometry.clusterSize - 1) / geometry.clusterSize
-        if header.l1Size > 0 && c >= l1First && c < l1End { return true }
+        if c == 0 || l2TableClusters.contains(c) { return true }
+        if !snapshotClusters.isEmpty && snapshotClusters.contains(c) { return true }
+        if geometry.clusters(covering: header.l1TableOffset, byteCount: UInt64(header.l1Size) * 8).contains(c) { return true }
         return refcounts?.holdsMetadata(cluster: c) ?? false
     }
 
-    /// Refuses data I/O to `count` bytes at `host` when they reach a metadata cluster.
+    /// Refuses data I/O to `count` bytes at `host` (an L2 entry's target) when they run past the image
+    /// file or reach a metadata cluster: either way the entry is corrupt.
     func checkDataTarget(_ host: UInt64, count: UInt64, entry index: Int) throws(QCow2Error) {
-        let c = geometry.clusterSize
-        for k in (host / c)...((host + max(count, 1) - 1) / c) where isMetadata(cluster: k) {
-            throw QCow2Error("L2 entry \(index)", "data cluster at \(hex(host)) overlaps metadata at \(hex(k * c))")
+        guard host + count <= hostLimit else {
+            throw QCow2Error("L2 entry \(index)", "data cluster at \(hex(geometry.clusterStart(host))) lies outside the image file")
+        }
+        for k in geometry.clusters(covering: host, byteCount: max(count, 1)) where isMetadata(cluster: k) {
+            throw QCow2Error("L2 entry \(index)", "data cluster at \(hex(host)) overlaps metadata at \(hex(k * geometry.clusterSize))")
         }
     }
 
