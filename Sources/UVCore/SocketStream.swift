@@ -260,20 +260,27 @@ public final class SocketStream {
             if written < 0 && written != UV_EAGAIN.rawValue {
                 return .failed(UVError(code: written))
             }
-            var skip = Int(max(written, 0))
+            let skip = Int(max(written, 0))
             bytesAccepted &+= UInt64(skip)
             if skip == total { return .completed }
 
-            // Drop what the kernel took: whole buffers, then the head of a partial one.
-            var first = 0
-            while skip >= bufs[first].len {
-                skip -= bufs[first].len
-                first += 1
-            }
-            bufs[first].base += skip
-            bufs[first].len -= skip
+            let first = Self.dropWritten(skip, from: bufs)
             return queue(UnsafeMutableBufferPointer(rebasing: bufs[first..<count]), context: context)
         }
+    }
+
+    /// Drops the `written` bytes the kernel took from the front of `bufs` (less than their total): whole
+    /// buffers, then the head of a partial one. Returns the index of the first buffer with bytes left.
+    private static func dropWritten(_ written: Int, from bufs: UnsafeMutableBufferPointer<uv_buf_t>) -> Int {
+        var skip = written
+        var first = 0
+        while skip >= bufs[first].len {
+            skip -= bufs[first].len
+            first += 1
+        }
+        bufs[first].base += skip
+        bufs[first].len -= skip
+        return first
     }
 
     private func gather(_ buffers: UnsafeBufferPointer<UnsafeRawBufferPointer>, context: UInt64) -> WriteOutcome {
@@ -308,15 +315,7 @@ public final class SocketStream {
                 status = written
             } else if Int(max(written, 0)) < total {
                 bytesAccepted &+= UInt64(max(written, 0))
-                // Drop what the kernel took: whole buffers, then the head of a partial one.
-                var skip = Int(max(written, 0))
-                var first = 0
-                while skip >= bufs[first].len {
-                    skip -= bufs[first].len
-                    first += 1
-                }
-                bufs[first].base += skip
-                bufs[first].len -= skip
+                let first = Self.dropWritten(Int(max(written, 0)), from: bufs)
                 let request = takeWriteRequest()
                 request.pointee.batchContexts = gatheredContexts.count
                 // libuv copies the uv_buf_t array, so `gathered` may be reused at once.
