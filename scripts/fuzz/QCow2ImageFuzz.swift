@@ -118,7 +118,7 @@ func decodeEntries(_ file: [UInt8], geometry g: Geometry) {
 final class FuzzShell {
     let engine: QCow2Engine
     let file: [UInt8]
-    var order: UInt64
+    var order: CompletionOrder
     var held: [IOAction] = []
     var outcomes: [RequestTag: BlockOutcome] = [:]
     var reads: [RequestTag: (offset: UInt64, buffer: UnsafeMutableRawBufferPointer)] = [:]
@@ -128,7 +128,7 @@ final class FuzzShell {
     init(engine: QCow2Engine, file: [UInt8], order: UInt64) {
         self.engine = engine
         self.file = file
-        self.order = order
+        self.order = CompletionOrder(seed: order)
     }
 
     func read(offset: UInt64, length: UInt64) {
@@ -159,15 +159,7 @@ final class FuzzShell {
     /// Completes every held action (and those issued meanwhile) in the input's order.
     func drain() {
         while !held.isEmpty {
-            let index: Int
-            switch order & 3 {
-            case 0: index = 0
-            case 1: index = held.count - 1
-            default:
-                order = order &* 6364136223846793005 &+ 1442695040888963407
-                index = Int((order >> 33) % UInt64(held.count))
-            }
-            let action = held.remove(at: index)
+            let action = held.remove(at: order.nextIndex(count: held.count))
             let (token, result) = execute(action)
             engine.completed(token, result: result)
             pull()

@@ -118,7 +118,7 @@ final class WriteShell {
     let engine: QCow2Engine
     let geometry: Geometry
     var file: [UInt8]
-    var order: UInt64
+    var order: CompletionOrder
     /// Every Nth file write fails with EIO (0: none).
     let failEvery: Int
     var writesSeen = 0
@@ -134,7 +134,7 @@ final class WriteShell {
         self.engine = engine
         self.geometry = engine.geometry
         self.file = file
-        self.order = UInt64(mode & 3)
+        self.order = CompletionOrder(seed: UInt64(mode & 3))
         self.failEvery = mode & 0x80 != 0 ? Int(mode >> 2 & 7) + 2 : 0
         let h = engine.header
         let l1End = h.l1TableOffset + (UInt64(h.l1Size) * 8 + 511) / 512 * 512
@@ -175,15 +175,7 @@ final class WriteShell {
     /// Completes every held action, and those issued meanwhile, in the script's order.
     func drain(ownedClusters: UInt64) {
         while !held.isEmpty {
-            let index: Int
-            switch order & 3 {
-            case 0: index = 0
-            case 1: index = held.count - 1
-            default:
-                order = order &* 6364136223846793005 &+ 1442695040888963407
-                index = Int((order >> 33) % UInt64(held.count))
-            }
-            let action = held.remove(at: index)
+            let action = held.remove(at: order.nextIndex(count: held.count))
             let (token, result) = execute(action, ownedClusters: ownedClusters)
             engine.completed(token, result: result)
             pull()
