@@ -48,7 +48,9 @@ final class Connection {
     let id: Int
     let stream: SocketStream
     private unowned let server: Server
-    private let export: Export
+    private let exports: ExportTable
+    /// The export the handshake chose; set when transmission starts.
+    @exclusivity(unchecked) private var export: Export?
     private let pool: BufferPool
     private let log: Logger
     private let limits: ConnectionLimits
@@ -87,18 +89,18 @@ final class Connection {
     private static let handshakeContextBit: UInt64 = 1 << 63
     private var closeAfterWrites = false
 
-    init(id: Int, stream: SocketStream, server: Server, export: Export, pool: BufferPool, log: Logger,
+    init(id: Int, stream: SocketStream, server: Server, exports: ExportTable, pool: BufferPool, log: Logger,
          limits: ConnectionLimits, budget: MemoryBudget, loop: EventLoop) {
         self.id = id
         self.stream = stream
         self.server = server
-        self.export = export
+        self.exports = exports
         self.pool = pool
         self.log = log
         self.limits = limits
         self.budget = budget
         self.staging = .allocate(byteCount: Self.stagingSize, alignment: 16)
-        self.handshake = Handshake(exports: [export.descriptor])
+        self.handshake = Handshake(exports: exports.descriptors)
         let timer = LoopTimer(loop: loop)
         self.timer = timer
         stream.delegate = self
@@ -254,6 +256,14 @@ final class Connection {
 
     private func enterTransmission(_ session: NegotiatedSession) {
         handshake = nil
+        guard let chosen = exports.export(named: session.export.name) else {
+            // The handshake only finishes on a name it was shown, and the table does not shrink
+            // under a live connection; treat a miss as the peer's loss, not the server's.
+            log.info("connection \(id): export \"\(session.export.name)\" is gone, closing")
+            close()
+            return
+        }
+        export = chosen
         watchSendProgress()
         self.session = session
         validator = RequestValidator(session: session)
@@ -344,7 +354,7 @@ final class Connection {
     private func execute(slot i: Int) {
         slab[i].stage = .executing
         let r = slab[i].request
-        let device = export.device
+        let device = export!.device
         let tag = UInt64(i)
         switch slab[i].command {
         case .read:

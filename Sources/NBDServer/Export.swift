@@ -34,3 +34,20 @@ public final class Export {
     /// Largest READ or WRITE we serve: 32 MiB, what every client stays within.
     public static let maximumPayload: UInt32 = 32 << 20
 }
+
+/// The exports a server offers. Connections read it when they start negotiating and resolve the
+/// export a client chose by name, so the set can change (a reload) without touching live connections.
+public final class ExportTable {
+    public private(set) var exports: [Export]
+
+    public init(_ exports: [Export]) {
+        self.exports = exports
+    }
+
+    /// What the handshake shows: every export, in configuration order.
+    public var descriptors: [ExportDescriptor] { exports.map(\.descriptor) }
+
+    public func export(named name: String) -> Export? {
+        exports.first { $0.descriptor.name == name }
+    }
+}

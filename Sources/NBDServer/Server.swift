@@ -18,7 +18,7 @@ public final class Server {
     private let io: FileIO
     private let pool: BufferPool
     private let budget: MemoryBudget
-    private let export: Export
+    private let exports: ExportTable
     private var listeners: [Listener] = []
     private var connections: [Int: Connection] = [:]
     private var nextConnectionID = 1
@@ -27,6 +27,8 @@ public final class Server {
     private var shutdownTimer: LoopTimer?
     private var stopping = false
     private var exitStatus: Int32 = 0
+    /// Exports whose final flush has not completed yet.
+    private var imagesClosing = 0
 
     public init(configuration: ServerConfiguration) throws(ServerError) {
         self.configuration = configuration
@@ -42,7 +44,8 @@ public final class Server {
         pool = BufferPool(maximumCachedBytes: configuration.memoryBudgetBytes / 4)
         budget = MemoryBudget(limit: configuration.memoryBudgetBytes)
         let device = try ImageOpener.open(configuration, io: io, log: log)
-        export = Export(name: configuration.exportName, description: configuration.description, device: device)
+        let export = Export(name: configuration.exportName, description: configuration.description, device: device)
+        exports = ExportTable([export])
         log.info("serving \(device.summary)\(configuration.readOnly ? " read-only" : "") as export \"\(configuration.exportName)\"")
         try listen()
         try installSignalHandlers()
@@ -163,7 +166,8 @@ public final class Server {
         guard stopping, connections.isEmpty, shutdownTimer != nil else { return }
         shutdownTimer?.close()
         shutdownTimer = nil
-        export.device.close(tag: 0, handler: self)
+        imagesClosing = exports.exports.count
+        for export in exports.exports { export.device.close(tag: 0, handler: self) }
     }
 
     func connectionDidFinish(_ connection: Connection) {
@@ -183,7 +187,7 @@ extension Server: ListenerDelegate {
         stream.setNoDelay(true)
         let id = nextConnectionID
         nextConnectionID += 1
-        let connection = Connection(id: id, stream: stream, server: self, export: export, pool: pool, log: log,
+        let connection = Connection(id: id, stream: stream, server: self, exports: exports, pool: pool, log: log,
                                     limits: configuration.connectionLimits, budget: budget, loop: loop)
         connections[id] = connection
         log.debug("connection \(id) from \(stream.peerDescription)")
@@ -196,12 +200,14 @@ extension Server: ListenerDelegate {
 }
 
 extension Server: BlockIOHandler {
-    /// The final flush of a shutdown.
+    /// The final flush of a shutdown, once per export; the last one lets the loop end.
     public func blockIOCompleted(tag: UInt64, outcome: BlockOutcome) {
         if case .failed(let error) = outcome {
             log.error("final flush failed: \(error)")
             exitStatus = 1
         }
+        imagesClosing -= 1
+        guard imagesClosing == 0 else { return }
         for s in signals { s.close() }
         signals.removeAll()
         stopMailbox?.close()
