@@ -13,13 +13,16 @@ let package = Package(
         // The only module that sees <uv.h>.
         .systemLibrary(name: "CLibUV", pkgConfig: "libuv", providers: [.apt(["libuv1-dev"])]),
         // Swift face of libuv: loop, listeners, streams, off-loop file I/O, timers, signals, mailbox.
-        .target(name: "UVCore", dependencies: ["CLibUV"]),
+        .target(name: "UVCore", dependencies: ["CLibUV", "SystemCalls"]),
         // Pure NBD wire format and the handshake/transmission state machines. No I/O.
         .target(name: "NBDProtocol"),
         // The seam between the protocol and the image formats. No I/O.
         .target(name: "BlockDevice"),
-        // Linux-only libc calls (fallocate, SEEK_DATA) that Glibc's Swift module does not expose.
-        .target(name: "CLinux"),
+        // Every C call outside libuv: the Linux calls Glibc's Swift module hides (preadv2/pwritev2 flags,
+        // fallocate, SEEK_DATA/SEEK_HOLE, BLKGETSIZE64).
+        .target(name: "CSystem"),
+        // The one layer of file syscalls with their EINTR and short-transfer loops.
+        .target(name: "SystemCalls", dependencies: ["CSystem"]),
         // Pure qcow2 format and request state machines: I/O leaves as actions, results return as events.
         .target(name: "QCow2", dependencies: ["BlockDevice"]),
         // Decompression of compressed qcow2 clusters (deflate and zstd), from Debian's -dev packages.
@@ -28,7 +31,7 @@ let package = Package(
         // The I/O shell that runs the qcow2 engine's actions on UVCore, and opens backing chains.
         .target(name: "QCow2Driver", dependencies: ["QCow2", "BlockDevice", "UVCore", "RawDriver", "CZlib", "CZstd"]),
         // Raw files and block devices, served through UVCore's file I/O.
-        .target(name: "RawDriver", dependencies: ["BlockDevice", "UVCore", "CLinux"]),
+        .target(name: "RawDriver", dependencies: ["BlockDevice", "UVCore", "SystemCalls"]),
         // Offline image tools (create, info, check, map) on plain blocking file I/O.
         .target(name: "QCow2Tools", dependencies: ["QCow2", "BlockDevice"]),
         // Glue: listeners, connections, exports, configuration.

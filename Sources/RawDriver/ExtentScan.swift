@@ -3,7 +3,7 @@
 // orders after the work function, so the unsynchronised field is safe.
 
 import BlockDevice
-import CLinux
+import SystemCalls
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -36,17 +36,17 @@ final class ExtentScan: @unchecked Sendable {
         }
         var position = offset
         while position < end && extents.count < Self.maximumExtents {
-            let nextData = qnbd_seek_data(fd, Int64(position))
+            let nextData = SystemCall.seekData(fd, from: position)
             if nextData < 0 {
                 // ENXIO: no data at or after `position`, the rest is a hole. Anything else: say data.
-                append(errno == ENXIO ? hole : data, upTo: end, from: &position)
+                append(nextData == -Int64(ENXIO) ? hole : data, upTo: end, from: &position)
                 break
             }
             if UInt64(nextData) > position {
                 append(hole, upTo: min(UInt64(nextData), end), from: &position)
                 continue
             }
-            let nextHole = qnbd_seek_hole(fd, Int64(position))
+            let nextHole = SystemCall.seekHole(fd, from: position)
             let dataEnd = nextHole < 0 ? end : min(UInt64(nextHole), end)
             append(data, upTo: max(dataEnd, position + 1), from: &position)
         }

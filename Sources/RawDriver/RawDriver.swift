@@ -12,7 +12,7 @@
 // whichever connection sent it.
 
 import BlockDevice
-import CLinux
+import SystemCalls
 import UVCore
 #if canImport(Glibc)
 import Glibc
@@ -51,13 +51,12 @@ public final class RawDriver: BlockDevice {
         let kind = st.st_mode & S_IFMT
         let size: UInt64
         if kind == S_IFBLK {
-            var bytes: UInt64 = 0
-            guard ioctl(fd, UInt(blockDeviceSizeRequest), &bytes) == 0 else {
-                let e = errno
+            let bytes = SystemCall.blockDeviceSize(fd)
+            guard bytes >= 0 else {
                 Glibc.close(fd)
-                throw BlockError(errno: e, message: "cannot read the size of block device \(path)")
+                throw BlockError(errno: Int32(-bytes), message: "cannot read the size of block device \(path)")
             }
-            size = bytes
+            size = UInt64(bytes)
         } else if kind == S_IFREG {
             size = UInt64(st.st_size)
         } else {
@@ -71,8 +70,8 @@ public final class RawDriver: BlockDevice {
         self.isBlockDevice = kind == S_IFBLK
         // Probe hole punching once, past the end where it changes nothing: it decides whether TRIM and
         // fast zeroing can be offered at all.
-        let punches = !readOnly && qnbd_fallocate(fd, FallocateMode.punchHole | FallocateMode.keepSize,
-                                             Int64(size), 4096) == 0
+        let punches = !readOnly && SystemCall.allocate(fd, mode: FallocateMode.punchHole | FallocateMode.keepSize,
+                                                       offset: size, length: 4096) == 0
         self.capabilities = BlockCapabilities(
             writable: !readOnly, canTrim: punches, canZero: !readOnly, canFastZero: punches,
             canMultiConn: true, rotational: false, minimumBlockSize: 1, preferredBlockSize: 4096)
@@ -176,6 +175,3 @@ extension RawDriver: FileIOCompletion {
         entry.handler.blockIOCompleted(tag: entry.tag, outcome: outcome)
     }
 }
-
-/// BLKGETSIZE64 = _IOR(0x12, 114, size_t); not importable as a macro.
-private let blockDeviceSizeRequest: UInt32 = 0x8008_1272

@@ -2,7 +2,7 @@
 // primitive first and falls back, so the answer is right on any file system or block device.
 
 import BlockDevice
-import CLinux
+import SystemCalls
 import UVCore
 #if canImport(Glibc)
 import Glibc
@@ -13,28 +13,25 @@ enum RawZeroing {
     static func zero(fd: Int32, offset: UInt64, length: UInt64, options: ZeroOptions, canPunch: Bool) -> Int {
         var done = false
         if !options.contains(.noHole) && canPunch {
-            done = qnbd_fallocate(fd, FallocateMode.punchHole | FallocateMode.keepSize, Int64(offset), Int64(length)) == 0
+            done = SystemCall.allocate(fd, mode: FallocateMode.punchHole | FallocateMode.keepSize, offset: offset, length: length) == 0
         }
         if !done {
             // ZERO_RANGE keeps the blocks allocated, which is what NO_HOLE asks for.
-            done = qnbd_fallocate(fd, FallocateMode.zeroRange | FallocateMode.keepSize, Int64(offset), Int64(length)) == 0
+            done = SystemCall.allocate(fd, mode: FallocateMode.zeroRange | FallocateMode.keepSize, offset: offset, length: length) == 0
         }
         if !done {
             if options.contains(.fastZero) { return -Int(ENOTSUP) }
             let r = writeZeros(fd: fd, offset: offset, length: length)
             if r < 0 { return r }
         }
-        if options.contains(.fua) && fdatasync(fd) != 0 { return -Int(errno) }
-        return 0
+        return options.contains(.fua) ? SystemCall.dataSync(fd) : 0
     }
 
     /// TRIM: drop the range so it reads back as zeros and stops using space.
     static func punch(fd: Int32, offset: UInt64, length: UInt64, sync: Bool) -> Int {
-        guard qnbd_fallocate(fd, FallocateMode.punchHole | FallocateMode.keepSize, Int64(offset), Int64(length)) == 0 else {
-            return -Int(errno)
-        }
-        if sync && fdatasync(fd) != 0 { return -Int(errno) }
-        return 0
+        let punched = SystemCall.allocate(fd, mode: FallocateMode.punchHole | FallocateMode.keepSize, offset: offset, length: length)
+        guard punched == 0 else { return punched }
+        return sync ? SystemCall.dataSync(fd) : 0
     }
 
     private static func writeZeros(fd: Int32, offset: UInt64, length: UInt64) -> Int {
@@ -46,12 +43,9 @@ enum RawZeroing {
         let end = offset + length
         while position < end {
             let n = Int(min(UInt64(chunk), end - position))
-            let written = pwrite(fd, zeros.baseAddress, n, off_t(position))
-            if written < 0 {
-                if errno == EINTR { continue }
-                return -Int(errno)
-            }
-            position += UInt64(written)
+            let written = SystemCall.writeFully(fd, from: zeros.baseAddress!, count: n, at: position)
+            if written < 0 { return written }
+            position += UInt64(n)
         }
         return 0
     }

@@ -49,6 +49,7 @@
 // after-work callback, and libuv's queue lock orders the two sides.
 
 import CLibUV
+import SystemCalls
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -68,19 +69,10 @@ public enum FileIOOutcome {
     case queued
 }
 
-/// Linux FALLOC_FL_* bits for `FileIO.fallocate(mode:)`.
-public enum FallocateMode {
-    public static let keepSize = Int32(FALLOC_FL_KEEP_SIZE)
-    /// Deallocate the range; must be combined with keepSize.
-    public static let punchHole = Int32(FALLOC_FL_PUNCH_HOLE)
-    public static let zeroRange = Int32(FALLOC_FL_ZERO_RANGE)
-}
-
-/// lseek whence values that Swift's Glibc module does not export.
-public enum SeekWhence {
-    public static let data = clibuv_seek_data
-    public static let hole = clibuv_seek_hole
-}
+/// FALLOC_FL_* bits for `FileIO.fallocate(mode:)` (defined with the syscalls; named here so users of
+/// FileIO need not import SystemCalls).
+public typealias FallocateMode = SystemCalls.FallocateMode
+public typealias SeekWhence = SystemCalls.SeekWhence
 
 /// One pool operation. Lives in memory owned by FileIO's free list.
 struct FileWorkRequest {
@@ -169,63 +161,26 @@ private func performBlocking(_ request: UnsafeMutablePointer<FileWorkRequest>) -
     let fd = request.pointee.fd
     let buffer = request.pointee.buffer
     let length = request.pointee.length
-    let offset = off_t(request.pointee.offset)
+    let offset = request.pointee.offset
     switch request.pointee.operation {
     case .read:
-        var done = 0
-        while done < length {
-            let n = pread(fd, buffer! + done, length - done, offset + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                return -Int(errno)
-            }
-            if n == 0 {
-                // End of file: the rest of the range reads as zeros.
-                (buffer! + done).initializeMemory(as: UInt8.self, repeating: 0, count: length - done)
-                break
-            }
-            done += n
-        }
-        return length
+        return SystemCall.readFully(fd, into: buffer!, count: length, at: offset)
     case .write:
-        return writeFully(fd, buffer!, length, offset, flags: 0)
+        return SystemCall.writeFully(fd, from: buffer!, count: length, at: offset)
     case .writeDSync:
-        let result = writeFully(fd, buffer!, length, offset, flags: clibuv_rwf_dsync)
+        let result = SystemCall.writeFully(fd, from: buffer!, count: length, at: offset, flags: IOFlags.dsync)
         guard result == -Int(EOPNOTSUPP) || result == -Int(EINVAL) else { return result }
         // A kernel or filesystem without RWF_DSYNC: the same guarantee, two steps.
-        let plain = writeFully(fd, buffer!, length, offset, flags: 0)
+        let plain = SystemCall.writeFully(fd, from: buffer!, count: length, at: offset)
         guard plain >= 0 else { return plain }
-        return retryingEINTR { fdatasync(fd) } < 0 ? -Int(errno) : plain
+        let synced = SystemCall.dataSync(fd)
+        return synced < 0 ? synced : plain
     case .fdatasync:
-        return retryingEINTR { fdatasync(fd) } < 0 ? -Int(errno) : 0
+        return SystemCall.dataSync(fd)
     case .fallocate:
-        let mode = request.pointee.mode
-        return retryingEINTR { clibuv_fallocate(fd, mode, offset, off_t(length)) } < 0 ? -Int(errno) : 0
+        return SystemCall.allocate(fd, mode: request.pointee.mode, offset: offset, length: UInt64(length))
     case .run:
         return request.pointee.job!()
-    }
-}
-
-private func writeFully(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ length: Int, _ offset: off_t, flags: Int32) -> Int {
-    var done = 0
-    while done < length {
-        var iov = iovec(iov_base: buffer + done, iov_len: length - done)
-        let n = clibuv_pwritev2(fd, &iov, 1, offset + off_t(done), flags)
-        if n < 0 {
-            if errno == EINTR { continue }
-            return -Int(errno)
-        }
-        if n == 0 { return -Int(EIO) }   // no progress and no error: do not spin
-        done += n
-    }
-    return length
-}
-
-@inline(__always)
-private func retryingEINTR(_ call: () -> Int32) -> Int32 {
-    while true {
-        let rc = call()
-        if rc == 0 || errno != EINTR { return rc }
     }
 }
 
@@ -295,26 +250,16 @@ public final class FileIO {
         guard length > 0 else { return .done(0) }
         var done = 0
         if inlineReadsSupported && length <= inlineReadLimit {
-            var iov = iovec(iov_base: buffer.baseAddress, iov_len: length)
-            while true {
-                let n = clibuv_preadv2(fd, &iov, 1, off_t(offset), clibuv_rwf_nowait)
-                if n == length {
-                    counters.inlineReads += 1
-                    return .done(length)
-                }
-                if n == 0 {
-                    // NOWAIT says "would block" with EAGAIN, so 0 is a real end of file.
-                    buffer.initializeMemory(as: UInt8.self, repeating: 0)
-                    counters.inlineReads += 1
-                    return .done(length)
-                }
-                if n > 0 { done = n; break }
-                let error = errno
-                if error == EINTR { continue }
-                if error == EOPNOTSUPP { inlineReadsSupported = false }
-                // EAGAIN, EOPNOTSUPP, or a real error the pool will meet and report again.
-                break
+            let n = SystemCall.readWithoutBlocking(fd, into: buffer.baseAddress!, count: length, at: offset)
+            if n == length || n == 0 {
+                // NOWAIT says "would block" with EAGAIN, so 0 is a real end of file.
+                if n == 0 { buffer.initializeMemory(as: UInt8.self, repeating: 0) }
+                counters.inlineReads += 1
+                return .done(length)
             }
+            if n > 0 { done = n }
+            if n == -Int(EOPNOTSUPP) { inlineReadsSupported = false }
+            // Short (partly cached), EAGAIN, EOPNOTSUPP, or a real error the pool will meet and report again.
         }
         counters.pooledReads += 1
         submit(.read, fd: fd, buffer: buffer.baseAddress! + done, length: length - done, offset: offset + UInt64(done),
@@ -334,20 +279,13 @@ public final class FileIO {
         var done = 0
         // Not while the lane is busy: an inline write would overtake the writes queued there.
         if !dsync && inlineWritesSupported && length <= inlineWriteLimit && lane.head == nil && laneBatches == 0 {
-            var iov = iovec(iov_base: base, iov_len: length)
-            while true {
-                let n = clibuv_pwritev2(fd, &iov, 1, off_t(offset), clibuv_rwf_nowait)
-                if n == length {
-                    counters.inlineWrites += 1
-                    return .done(length)
-                }
-                if n > 0 { done = n; break }
-                if n == 0 { break }
-                let error = errno
-                if error == EINTR { continue }
-                if error == EOPNOTSUPP { inlineWritesSupported = false }
-                break
+            let n = SystemCall.writeWithoutBlocking(fd, from: base, count: length, at: offset)
+            if n == length {
+                counters.inlineWrites += 1
+                return .done(length)
             }
+            if n > 0 { done = n }
+            if n == -Int(EOPNOTSUPP) { inlineWritesSupported = false }
         }
         counters.pooledWrites += 1
         submit(dsync ? .writeDSync : .write, fd: fd, buffer: base + done, length: length - done,
