@@ -49,6 +49,7 @@ let package = Package(
         .testTarget(name: "QCow2Tests", dependencies: ["QCow2", "BlockDevice"]),
         .testTarget(name: "QCow2ToolsTests", dependencies: ["QCow2Tools", "QCow2"]),
         .testTarget(name: "RawDriverTests", dependencies: ["RawDriver", "BlockDevice", "UVCore"]),
+        .testTarget(name: "QCow2DriverTests", dependencies: ["QCow2Driver", "BlockDevice", "UVCore"]),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "RawDriver", "BlockDevice", "UVCore"]),
     ],
     swiftLanguageModes: [.v6]
