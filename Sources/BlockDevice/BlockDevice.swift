@@ -30,7 +30,11 @@ public enum BlockOutcome: Sendable {
 public struct Extent: Equatable, Sendable {
     public var length: UInt64
     public var flags: ExtentFlags
-    /// Where the data comes from: 0 unallocated, 1 this image, 2 its backing file, and so on.
+    /// Which layer of a backing chain holds the range: 1 this device, 2 its backing image, and so on;
+    /// 0 only when no layer holds it (an unallocated qcow2 entry with nothing below). A device without
+    /// layers of its own holds every byte of itself, holes included (a raw file's hole is that file's
+    /// zeros, as qemu counts it), so it answers 1 everywhere and an image above it adds its own depth
+    /// without knowing what kind of device it sits on.
     public var depth: UInt32
 
     public init(length: UInt64, flags: ExtentFlags, depth: UInt32) {

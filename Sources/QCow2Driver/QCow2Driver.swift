@@ -353,13 +353,7 @@ extension QCow2Driver: BlockIOHandler {
         let token = IOToken(raw: UInt32(truncatingIfNeeded: tag & ~Self.backingTag))
         switch outcome {
         case .done, .read: engine.completed(token, result: .success)
-        case .extents(var extents):
-            // A raw backing file holds every byte, holes included (qemu counts it allocated at its
-            // depth); RawDriver says depth 0 for holes, which would read as "nowhere in the chain".
-            if backing is RawDriver {
-                for i in extents.indices where extents[i].depth == 0 { extents[i].depth = 1 }
-            }
-            engine.completed(token, result: .extents(extents))
+        case .extents(let extents): engine.completed(token, result: .extents(extents))
         case .failed(let error): engine.completed(token, result: .failure(error.errno))
         }
         pump()

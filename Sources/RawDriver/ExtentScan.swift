@@ -29,7 +29,8 @@ final class ExtentScan: @unchecked Sendable {
     func scan() -> Int {
         let end = offset + length
         let data = Extent(length: 0, flags: [], depth: 1)
-        let hole = Extent(length: 0, flags: [.hole, .zero], depth: 0)
+        // A hole is still this file's (see Extent.depth): depth 1, like data.
+        let hole = Extent(length: 0, flags: [.hole, .zero], depth: 1)
         if isBlockDevice {
             extents = [Extent(length: length, flags: [], depth: 1)]
             return 0
