@@ -18,6 +18,10 @@ let package = Package(
         .target(name: "NBDProtocol"),
         // The seam between the protocol and the image formats. No I/O.
         .target(name: "BlockDevice"),
+        // GnuTLS (Debian's libgnutls28-dev), seen only by the TLS module.
+        .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
+        // TLS over UVCore's streams: credentials and policy, and TLSStream (GnuTLS driven by the loop).
+        .target(name: "TLS", dependencies: ["UVCore", "CGnuTLS"]),
         // Linux-only libc calls (fallocate, SEEK_DATA) that Glibc's Swift module does not expose.
         .target(name: "CLinux"),
         // Pure qcow2 format and request state machines: I/O leaves as actions, results return as events.
@@ -42,6 +46,7 @@ let package = Package(
         ]),
 
         .testTarget(name: "UVCoreTests", dependencies: ["UVCore"]),
+        .testTarget(name: "TLSTests", dependencies: ["TLS", "UVCore", "CGnuTLS"]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "QCow2Tests", dependencies: ["QCow2", "BlockDevice"]),
         .testTarget(name: "QCow2ToolsTests", dependencies: ["QCow2Tools", "QCow2"]),
