@@ -22,6 +22,8 @@ let package = Package(
         .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
         // TLS over UVCore's streams: credentials and policy, and TLSStream (GnuTLS driven by the loop).
         .target(name: "TLS", dependencies: ["UVCore", "CGnuTLS"]),
+        // Moves bytes both ways through TLSStream (or plain), for callgrind instruction counts.
+        .executableTarget(name: "TLSThroughput", dependencies: ["TLS", "UVCore", "CGnuTLS"]),
         // Linux-only libc calls (fallocate, SEEK_DATA) that Glibc's Swift module does not expose.
         .target(name: "CLinux"),
         // Pure qcow2 format and request state machines: I/O leaves as actions, results return as events.
