@@ -97,7 +97,16 @@ final class TLSEchoServer: ListenerDelegate, TLSStreamDelegate {
         stream.close()
     }
 
-    func streamWantsReadBuffer(_ stream: any ByteStream) -> UnsafeMutableRawBufferPointer { buffer }
+    /// If set, read buffers cycle through these sizes (as Connection hands out exactly what it is missing).
+    var readSizes: [Int] = []
+    private var nextReadSize = 0
+
+    func streamWantsReadBuffer(_ stream: any ByteStream) -> UnsafeMutableRawBufferPointer {
+        guard !readSizes.isEmpty else { return buffer }
+        let size = readSizes[nextReadSize % readSizes.count]
+        nextReadSize += 1
+        return UnsafeMutableRawBufferPointer(rebasing: buffer[0..<size])
+    }
 
     func stream(_ stream: any ByteStream, didRead count: Int) {
         bytesRead += count

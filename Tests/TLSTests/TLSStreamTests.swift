@@ -96,6 +96,57 @@ private var transferMiB: Int {
         #expect(server.failures.isEmpty)
     }
 
+    @Test func smallReadBuffersTakeRecordsInPieces() throws {
+        // Records are 16 KiB; the reader takes 1 to 4096 bytes at a time, so most plaintext waits inside
+        // GnuTLS between reads and must still come out whole and in order.
+        let result = Shared<(Int32, Bool, Bool)>((-1, false, false))
+        let server = try serve(TLSConfiguration(certificateDirectory: credentials.directory),
+                               setup: { $0.readSizes = [7, 28, 1, 4096, 16, 513] }) { port in
+            result.value = echoThroughTLS(TLSTestClient(fd: connectTCP(port: port), ca: credentials.ca), bytes: 400_000)
+        }
+        #expect(result.value == (0, true, true))
+        #expect(server.bytesRead == 400_000)
+        #expect(server.failures.isEmpty)
+    }
+
+    @Test func keyUpdateMidStream() throws {
+        // TLS 1.3 KeyUpdate asking for ours in return: GnuTLS answers from inside gnutls_record_recv,
+        // so the stream must send what a receive pushed.
+        let rounds = Shared<[Bool]>([])
+        let server = try serve(TLSConfiguration(certificateDirectory: credentials.directory)) { port in
+            let client = TLSTestClient(fd: connectTCP(port: port), ca: credentials.ca)
+            guard client.handshake() == 0 else { return }
+            var results: [Bool] = []
+            for round in 0..<3 {
+                let data = pattern(70_000, seed: round)
+                let sent = data.withUnsafeBytes { client.send($0) }
+                results.append(sent && client.receive(count: data.count) == data)
+                results.append(gnutls_session_key_update(client.session, UInt32(GNUTLS_KU_PEER)) == 0)
+            }
+            client.bye()
+            results.append(client.receiveEnd() == 0)
+            rounds.value = results
+        }
+        #expect(rounds.value == Array(repeating: true, count: 7), "\(rounds.value)")
+        #expect(server.failures.isEmpty, "\(server.failures)")
+    }
+
+    @Test func renegotiationEndsTheSession() throws {
+        // TLS 1.2 only: a client asks for a new handshake. GnuTLS's server reports the ClientHello as
+        // an unexpected packet; the stream reports a (post-handshake) failure and the owner closes.
+        let again = Shared<Int32>(0)
+        let server = try serve(TLSConfiguration(certificateDirectory: credentials.directory)) { port in
+            let client = TLSTestClient(fd: connectTCP(port: port), ca: credentials.ca, priority: "NORMAL:-VERS-ALL:+VERS-TLS1.2")
+            guard client.handshake() == 0 else { return }
+            again.value = client.handshake()
+        }
+        #expect(again.value < 0)
+        #expect(server.handshakes == 1)
+        #expect(server.failures.count == 1)
+        #expect(server.failures.first?.duringHandshake == false)
+        #expect(server.failures.first?.code == GNUTLS_E_UNEXPECTED_PACKET, "\(server.failures)")
+    }
+
     @Test func overIPv6() throws {
         let loop = try EventLoop()
         let tls = try TLSCredentials(TLSConfiguration(certificateDirectory: credentials.directory))

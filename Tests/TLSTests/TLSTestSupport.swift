@@ -176,6 +176,7 @@ struct TestCredentials: Sendable {
 
     private static func make() -> TestCredentials {
         let root = "/tmp/qnbd-tls-tests-\(getpid())"
+        atexit { shell("rm -rf /tmp/qnbd-tls-tests-\(getpid())") }
         let valid = root + "/x509"
         let expired = root + "/x509-expired"
         precondition(shell("rm -rf \(root) && mkdir -p \(valid) \(expired) \(root)/other \(root)/clients") == 0)
