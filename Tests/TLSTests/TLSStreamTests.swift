@@ -227,6 +227,21 @@ private var transferMiB: Int {
         print("client certificate refusals: \(server.failures)")
     }
 
+    @Test func revokedClientCertificateIsRefused() throws {
+        let configuration = TLSConfiguration(certificateDirectory: credentials.revokingDirectory, verifyPeer: true)
+        let results = Shared<[Bool]>([])
+        let server = try serve(configuration, accepts: 2) { port in
+            results.value = [credentials.revokedClient, credentials.client].map { certificate in
+                let client = TLSTestClient(fd: connectTCP(port: port), ca: credentials.ca, certificate: certificate)
+                let (rc, intact, _) = echoThroughTLS(client, bytes: 1000)
+                return rc == 0 && intact
+            }
+        }
+        #expect(results.value == [false, true], "the revoked client is refused, the other one is not")
+        #expect(server.failures.count == 1)
+        #expect(server.failures.first?.refusal?.contains("revoked") == true, "\(server.failures)")
+    }
+
     @Test func distinguishedNameAuthorization() throws {
         let allowed = TLSConfiguration(certificateDirectory: credentials.directory, verifyPeer: true,
                                        allowedClientDNs: [credentials.clientDN])

@@ -158,6 +158,9 @@ struct TestCredentials: Sendable {
     let client: (cert: String, key: String)
     let foreignClient: (cert: String, key: String)
     let expiredClient: (cert: String, key: String)
+    /// A client certificate the CA has revoked, and a copy of `directory` whose ca-crl.pem lists it.
+    let revokedClient: (cert: String, key: String)
+    let revokingDirectory: String
     let clientDN = "CN=qnbd test client,O=qnbd tests"
     /// psktool files: alice and bob; and one where alice has a different key.
     let pskFile: String
@@ -226,6 +229,12 @@ struct TestCredentials: Sendable {
         let good = client("client", caDir: valid, caKey: "\(root)/ca-key.pem", extra: ["expiration_days = 365"])
         let foreign = client("foreign", caDir: root + "/other", caKey: "\(root)/other/ca-key.pem", extra: ["expiration_days = 365"])
         let old = client("expired", caDir: valid, caKey: "\(root)/ca-key.pem", extra: pastDates)
+        let revoked = client("revoked", caDir: valid, caKey: "\(root)/ca-key.pem", extra: ["expiration_days = 365"])
+        let revoking = root + "/x509-crl"
+        run("cp -a \(valid) \(revoking)")
+        run("certtool --generate-crl --load-ca-privkey \(root)/ca-key.pem --load-ca-certificate \(valid)/ca-cert.pem "
+            + "--load-certificate \(revoked.0) --template \(template("crl", ["crl_next_update = 30", "crl_number = 1"])) "
+            + "--outfile \(revoking)/ca-crl.pem")
 
         // PSK
         run("psktool -u alice -p \(root)/keys.psk && psktool -u bob -p \(root)/keys.psk")
@@ -234,6 +243,7 @@ struct TestCredentials: Sendable {
 
         return TestCredentials(directory: valid, expiredServerDirectory: expired, otherCA: root + "/other/ca-cert.pem",
                                client: good, foreignClient: foreign, expiredClient: old,
+                               revokedClient: revoked, revokingDirectory: revoking,
                                pskFile: root + "/keys.psk", wrongPSKFile: root + "/wrong.psk", root: root)
     }
 }
