@@ -225,6 +225,9 @@ public final class TLSStream {
 
     fileprivate var hasInput: Bool { inputEnd > inputStart || peerClosed }
 
+    /// No room for another socket read, even after moving the unread bytes to the front.
+    private var inputIsFull: Bool { inputEnd - inputStart == inputCapacity }
+
     fileprivate func pull(into destination: UnsafeMutableRawPointer, size: Int) -> Int {
         let available = inputEnd - inputStart
         if available == 0 {
@@ -282,7 +285,7 @@ public final class TLSStream {
         while true {
             switch state {
             case .handshaking:
-                guard hasInput else { return }
+                guard hasInput, !socket.isClosing else { return }
                 let rc = gnutls_handshake(session)
                 flushOutput()
                 if rc == GNUTLS_E_AGAIN || rc == GNUTLS_E_INTERRUPTED {
@@ -317,8 +320,8 @@ public final class TLSStream {
                 if count > 0 {
                     delegate.stream(self, didRead: count)
                 } else if count == 0 || count == GNUTLS_E_PREMATURE_TERMINATION {
-                    // close_notify, or the TCP connection closed at a record boundary: the NBD framing
-                    // above notices truncation, so both are a plain end of stream.
+                    // close_notify, or the TCP connection closed without one: the NBD framing above
+                    // notices truncation, so both are a plain end of stream.
                     state = .readEnded
                     socket.stopReading()
                     delegate.stream(self, didFailReadingWith: .eof)
@@ -418,7 +421,9 @@ extension TLSStream: ByteStream {
     public func startReading() {
         delegateReading = true
         guard state == .open || state == .handshaking else { return }
-        socket.startReading()
+        // A full input buffer would give libuv an empty read buffer (ENOBUFS): the drain restarts the
+        // socket once it has made room.
+        if !inputIsFull { socket.startReading() }
         if state == .open && (hasInput || gnutls_record_check_pending(session) > 0) && !drainScheduled {
             drainScheduled = true
             socket.eventLoop.runAtTurnEnd(self)
@@ -457,6 +462,7 @@ extension TLSStream: TurnEndTask {
     public func runAtTurnEnd() {
         drainScheduled = false
         process()
+        if state == .open && delegateReading && !inputIsFull { socket.startReading() }
     }
 }
 
@@ -474,7 +480,7 @@ extension TLSStream: SocketStreamDelegate {
         inputEnd += count
         process()
         // Nobody is taking plaintext and the buffer is full: let the kernel hold the rest.
-        if inputEnd == inputCapacity && inputStart == 0 { socket.stopReading() }
+        if inputIsFull { socket.stopReading() }
     }
 
     public func stream(_ stream: SocketStream, didFailReadingWith error: UVError) {
