@@ -64,6 +64,11 @@ public final class TLSCredentials: @unchecked Sendable {
             if haveCRL {
                 try gnutlsCheck(gnutls_certificate_set_x509_crl_file(certificates, crl, GNUTLS_X509_FMT_PEM), crl)
             }
+        } else {
+            // Empty on purpose: a TLS 1.2 server without any certificate credentials lets GnuTLS 3.7
+            // pick a certificate suite the client offered first, and then fails the handshake with
+            // "Insufficient credentials"; with empty ones it skips those suites (gnutls-serv does the same).
+            try gnutlsCheck(gnutls_certificate_allocate_credentials(&certificates), "allocating certificate credentials")
         }
 
         if let file = configuration.pskFile {

@@ -177,6 +177,24 @@ private var transferMiB: Int {
         #expect(server.sessions.first?.dn == nil)
     }
 
+    @Test func pskEchoOverTLS12() throws {
+        // A PSK-only server once failed TLS 1.2 with "Insufficient credentials": GnuTLS picked the
+        // client's first (certificate) suite. (gnutls-cli 3.7.9 itself segfaults after a TLS 1.2 PSK
+        // session, so this one uses the in-test client.)
+        let key = credentials.pskKey(credentials.pskFile, user: "alice")
+        let result = Shared<(Int32, Bool, Bool)>((-1, false, false))
+        let server = try serve(TLSConfiguration(pskFile: credentials.pskFile)) { port in
+            // Certificate credentials too, as gnutls-cli has: the client then offers
+            // certificate suites first.
+            let client = TLSTestClient(fd: connectTCP(port: port), ca: credentials.ca, psk: ("alice", key),
+                                       priority: "NORMAL:-VERS-ALL:+VERS-TLS1.2")
+            result.value = echoThroughTLS(client, bytes: 100_000)
+        }
+        #expect(result.value == (0, true, true))
+        #expect(server.sessions.first?.version == "TLS1.2", "\(server.failures)")
+        #expect(server.sessions.first?.psk == "alice")
+    }
+
     @Test func wrongPSKIsRefused() throws {
         let wrong = credentials.pskKey(credentials.wrongPSKFile, user: "alice")
         let rc = Shared<Int32>(0)
