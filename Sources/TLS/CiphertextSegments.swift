@@ -10,18 +10,22 @@ struct Segment {
     var count = 0
 
     mutating func append(_ source: UnsafeRawPointer, _ length: Int) {
-        if count + length > capacity {
-            let newCapacity = max(count + length, capacity * 2, 16 << 10)
-            let grown = UnsafeMutableRawPointer.allocate(byteCount: newCapacity, alignment: 16)
-            if let bytes {
-                grown.copyMemory(from: bytes, byteCount: count)
-                bytes.deallocate()
-            }
-            bytes = grown
-            capacity = newCapacity
-        }
+        if count + length > capacity { reserve(max(count + length, capacity * 2)) }
         (bytes! + count).copyMemory(from: source, byteCount: length)
         count += length
+    }
+
+    /// Makes room for `wanted` bytes in all, so a large write does not grow by doubling (and copying).
+    mutating func reserve(_ wanted: Int) {
+        guard wanted > capacity else { return }
+        let newCapacity = max(wanted, 16 << 10)
+        let grown = UnsafeMutableRawPointer.allocate(byteCount: newCapacity, alignment: 16)
+        if let bytes {
+            grown.copyMemory(from: bytes, byteCount: count)
+            bytes.deallocate()
+        }
+        bytes = grown
+        capacity = newCapacity
     }
 
     func free() { bytes?.deallocate() }
@@ -40,19 +44,25 @@ struct SegmentPool {
     private(set) var inFlight: [InFlightSegment] = []
     private var freeSlots: [Int] = []
     private var spares: [Segment] = []
-    /// Spare segments kept for reuse; more are freed (a burst of large writes leaves no hoard behind).
+    private var spareBytes = 0
+    /// Spare segments kept for reuse, by count and by bytes; more are freed, so a burst of large
+    /// writes leaves no hoard behind on an idle connection.
     private let maximumSpares = 16
+    private let maximumSpareBytes = 8 << 20
 
     /// An empty segment, reused if one is spare.
     mutating func take() -> Segment {
-        spares.popLast() ?? Segment()
+        guard let segment = spares.popLast() else { return Segment() }
+        spareBytes -= segment.capacity
+        return segment
     }
 
     mutating func giveBack(_ segment: Segment) {
         var segment = segment
         segment.count = 0
-        if spares.count < maximumSpares && segment.capacity <= 4 << 20 {
+        if spares.count < maximumSpares && spareBytes + segment.capacity <= maximumSpareBytes {
             spares.append(segment)
+            spareBytes += segment.capacity
         } else {
             segment.free()
         }

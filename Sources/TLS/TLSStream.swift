@@ -46,6 +46,9 @@ public protocol TLSStreamDelegate: ByteStreamDelegate {
 private let segmentTag: UInt64 = 1 << 62
 private let tagMask: UInt64 = 3 << 62
 
+/// Generous bound on what a record adds to its plaintext (TLS 1.2 CBC: 5 header + 16 IV + 48 MAC + 256 padding).
+private let perRecordOverhead = 325
+
 /// Ciphertext read ahead of GnuTLS. Several records, so a large transfer takes few socket reads.
 private let inputCapacity = 128 << 10
 
@@ -365,6 +368,10 @@ public final class TLSStream {
         case .open, .readEnded: break
         }
         if socket.isClosing { return .failed(.canceled) }
+        var total = 0
+        for buffer in buffers { total += buffer.count }
+        // Ciphertext is the plaintext plus at most a header, tag and padding per record.
+        output.reserve(total + (total / recordSize + 2) * perRecordOverhead)
         var staged = 0
         for buffer in buffers where buffer.count > 0 {
             let base = buffer.baseAddress!
