@@ -23,6 +23,12 @@ let package = Package(
         .target(name: "CSystem"),
         // The one layer of file syscalls with their EINTR and short-transfer loops.
         .target(name: "SystemCalls", dependencies: ["CSystem"]),
+        // GnuTLS (Debian's libgnutls28-dev), seen only by the TLS module.
+        .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
+        // TLS over UVCore's streams: credentials and policy, and TLSStream (GnuTLS driven by the loop).
+        .target(name: "TLS", dependencies: ["UVCore", "CGnuTLS"]),
+        // Moves bytes both ways through TLSStream (or plain), for callgrind instruction counts.
+        .executableTarget(name: "TLSThroughput", dependencies: ["TLS", "UVCore", "CGnuTLS"]),
         // Pure qcow2 format and request state machines: I/O leaves as actions, results return as events.
         .target(name: "QCow2", dependencies: ["BlockDevice"]),
         // Decompression of compressed qcow2 clusters (deflate and zstd), from Debian's -dev packages.
@@ -45,6 +51,7 @@ let package = Package(
         ]),
 
         .testTarget(name: "UVCoreTests", dependencies: ["UVCore"]),
+        .testTarget(name: "TLSTests", dependencies: ["TLS", "UVCore", "CGnuTLS"]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "QCow2Tests", dependencies: ["QCow2", "BlockDevice"]),
         .testTarget(name: "QCow2ToolsTests", dependencies: ["QCow2Tools", "QCow2"]),

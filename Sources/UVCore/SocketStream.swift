@@ -200,6 +200,9 @@ public final class SocketStream {
         return Unmanaged<SocketStream>.fromOpaque(data)._withUnsafeGuaranteedRef(body)
     }
 
+    /// The loop this stream belongs to (for wrappers that schedule turn-end work, such as TLSStream).
+    public var eventLoop: EventLoop { EventLoop.owning(stream.pointee.loop) }
+
     private var handle: UnsafeMutablePointer<uv_handle_t> { memory.asHandle }
     private var stream: UnsafeMutablePointer<uv_stream_t> { memory.asStream }
 
@@ -499,6 +502,8 @@ public final class SocketStream {
         delegate?.streamDidClose(self)
     }
 }
+
+extension SocketStream: ByteStream {}
 
 extension SocketStream: TurnEndTask {
     public func runAtTurnEnd() {
