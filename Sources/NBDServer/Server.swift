@@ -345,6 +345,11 @@ extension Server: ListenerDelegate {
         connections[id] = connection
         connectionStarts[id] = ConnectionReport.now
         log.info("connection \(id) from \(stream.peerDescription) on \(listener.localDescription)")
+        let refused = exports.exports.filter { !$0.access.allows(peerDescription: stream.peerDescription) }
+        if !refused.isEmpty {
+            log.warning("connection \(id) from \(stream.peerDescription): refused export(s) "
+                        + refused.map { "\"\($0.name)\"" }.joined(separator: ", ") + " by their authfile")
+        }
         connection.start()
     }
 
