@@ -54,7 +54,7 @@ final class Connection {
     /// The export the handshake chose; set when transmission starts.
     @exclusivity(unchecked) private var export: Export?
     private let pool: BufferPool
-    private let log: Logger
+    private var log: Logger
     private let limits: ConnectionLimits
     private let budget: MemoryBudget
 
@@ -265,6 +265,7 @@ final class Connection {
             return
         }
         export = chosen
+        log = log.labelled("export \"\(chosen.name)\"")
         watchSendProgress()
         self.session = session
         validator = RequestValidator(session: session)

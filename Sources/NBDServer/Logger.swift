@@ -30,15 +30,23 @@ public struct Logger: Sendable {
     }
 
     public var level: Level
+    /// What the lines are about ("export \"disk\""), written after "qnbd: ".
+    public var label: String?
 
-    public init(level: Level) { self.level = level }
+    public init(level: Level, label: String? = nil) {
+        self.level = level
+        self.label = label
+    }
+
+    /// The same logger, its lines about `label`.
+    public func labelled(_ label: String) -> Logger { Logger(level: level, label: label) }
 
     @inline(__always)
     public func enabled(_ l: Level) -> Bool { l <= level }
 
     public func log(_ l: Level, _ message: @autoclosure () -> String) {
         guard l <= level else { return }
-        Self.writeLine("qnbd: \(message())", level: l)
+        Self.writeLine(label.map { "qnbd: \($0): \(message())" } ?? "qnbd: \(message())", level: l)
     }
 
     /// Whether stderr is the journal stream systemd told us about.

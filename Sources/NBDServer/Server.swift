@@ -126,7 +126,8 @@ public final class Server {
 
     /// Opens one export's image (as whoever the process is by now).
     func openExport(_ configuration: ExportConfiguration, access: AccessList) throws(ServerError) -> Export {
-        let device = try ImageOpener.open(configuration, io: io, log: log)
+        // Driver messages (repairs, I/O errors that turn the image read-only) name the export.
+        let device = try ImageOpener.open(configuration, io: io, log: log.labelled("export \"\(configuration.name)\""))
         let export = Export(configuration: configuration, device: device)
         export.access = access
         let origin = configuration.origin.isEmpty ? "" : " (\(configuration.origin))"

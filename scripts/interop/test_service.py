@@ -219,6 +219,39 @@ class JournalTests(QnbdTestCase):
         self.assertTrue(bad.stderr.startswith("qnbd: "), "a stderr that is not the journal gets no prefix")
 
 
+class LogTests(QnbdTestCase):
+    def test_one_line_per_connection_open_and_close(self):
+        srv = self.start_server(export_name="disk")
+        h = self.connect(srv)
+        h.pread(MiB, 0)
+        h.pwrite(b"x" * 65536, 0)
+        nbd_close(h)
+        deadline = time.monotonic() + 10
+        pattern = (r'connection (\d+) from unix closed: export "disk", [0-9.]+ s, '
+                   r'(\d+) bytes received, (\d+) bytes sent')
+        while not re.search(pattern, srv.log()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        m = re.search(pattern, srv.log())
+        self.assertIsNotNone(m, srv.log())
+        self.assertGreaterEqual(int(m.group(2)), 65536)
+        self.assertGreaterEqual(int(m.group(3)), MiB)
+        self.assertIn("connection %s from unix on unix:" % m.group(1), srv.log())
+
+    def test_log_level(self):
+        srv = self.start_server(extra=["--log-level", "warning"])
+        h = self.connect(srv)
+        nbd_close(h)
+        srv.stop()
+        self.assertNotIn("listening on", srv.log())
+        self.assertNotIn("connection", srv.log())
+        srv = self.start_server(extra=["-v"])
+        srv.stop()
+        self.assertIn("listening on", srv.log())
+        p = run([QNBD, "serve", "--log-level", "loud", "x.img"], check=False)
+        self.assertEqual(p.returncode, 64)
+        self.assertIn("--log-level must be error, warning, info, debug or trace, not loud", p.stderr)
+
+
 class UnitFileTests(QnbdTestCase):
     def test_shipped_units_verify(self):
         if not shutil.which("systemd-analyze"):
