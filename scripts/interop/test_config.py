@@ -95,6 +95,16 @@ class ConfigFileTests(QnbdTestCase):
         self.assertEqual(h.get_size(), 8 * MiB)
         self.assertTrue(h.is_read_only())
 
+    def test_readme_example_parses(self):
+        with open(os.path.join(REPO, "README.md")) as f:
+            readme = f.read()
+        block = readme.split("```ini\n", 1)[1].split("```", 1)[0]
+        conf = write_config(os.path.join(self.dir, "readme.conf"), block)
+        out = qnbd("serve", "-C", conf, "--check-config", check=True).stdout
+        self.assertIn('export "disk": /var/lib/qnbd/disk.img', out)
+        self.assertIn("authfile /etc/qnbd/disk.allow", out)
+        self.assertIn('export "vm": /var/lib/qnbd/vm.qcow2, format detected, readonly', out)
+
     def test_nbd_server_man_page_examples(self):
         # The two examples of nbd-server(5), as written there; only the image and authfile paths
         # point into the test's directory (their /export and /etc/nbd-server do not exist here).
