@@ -54,7 +54,11 @@ extension Server {
                 log.info("reload: export \"\(old.name)\" removed; it takes no new clients, and its image closes once its \(old.connectionCount) connection(s) end")
             }
         }
-        for configuration in new.exports {
+        // An export closing to reopen takes the newest settings when it reopens, or stays closed.
+        for name in reopening {
+            pendingChanges[name] = new.exports.first { $0.name == name }
+        }
+        for configuration in new.exports where !reopening.contains(configuration.name) {
             let access = accessLists[configuration.name] ?? .everyone
             if let current = exports.export(named: configuration.name) {
                 current.access = access
@@ -71,7 +75,8 @@ extension Server {
                 }
                 continue
             }
-            if let holder = openExports.first(where: { sameImage($0.configuration, configuration) && !($0.configuration.readOnly && configuration.readOnly) }) {
+            let stillOpen = openExports + closers.values.map(\.export)
+            if let holder = stillOpen.first(where: { sameImage($0.configuration, configuration) && !($0.configuration.readOnly && configuration.readOnly) }) {
                 log.error("reload: export \"\(configuration.name)\" not added: its image is still held by the removed export \"\(holder.name)\"; send SIGHUP again once those clients are gone")
                 continue
             }
@@ -104,10 +109,21 @@ extension Server {
 
     /// Closes `export` and opens its waiting configuration in its place.
     private func reopen(_ export: Export) {
-        guard let configuration = pendingChanges.removeValue(forKey: export.name) else { return }
+        let name = export.name
+        guard pendingChanges[name] != nil else { return }
         exports.replaceAll(exports.exports.filter { $0 !== export })
-        let access = export.access
+        reopening.insert(name)
         closeExport(export) { [unowned self] in
+            self.reopening.remove(name)
+            // A reload while the image closed may have changed the settings again, or removed it.
+            guard let configuration = self.pendingChanges.removeValue(forKey: name) else { return }
+            let access: AccessList
+            do {
+                access = try AccessList.load(configuration.authFile)
+            } catch {
+                self.log.error("export \"\(name)\" could not reopen with its new settings: \(error)")
+                return
+            }
             do {
                 let replacement = try self.openExport(configuration, access: access)
                 self.openExports.append(replacement)

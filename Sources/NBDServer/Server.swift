@@ -36,7 +36,9 @@ public final class Server {
     /// Export names in configuration order, the order LIST shows.
     var exportOrder: [String] = []
     /// Image closes in flight, by export.
-    private var closers: [ObjectIdentifier: ExportCloser] = [:]
+    var closers: [ObjectIdentifier: ExportCloser] = [:]
+    /// Exports closing so they can reopen with new settings; the settings wait in `pendingChanges`.
+    var reopening: Set<String> = []
     private var listeners: [Listener] = []
     private var connections: [Int: Connection] = [:]
     private var nextConnectionID = 1
@@ -97,6 +99,8 @@ public final class Server {
             loop.runNoWait()
             throw error
         }
+        // Said once serving, so a refused image stays the one line a failed start prints.
+        for listener in listeners { log.info("listening on \(listener.localDescription)") }
         if let problem = notify.send("READY=1\nSTATUS=serving \(exports.exports.count) export(s)\nMAINPID=\(getpid())") {
             log.warning(problem)
         }
@@ -216,7 +220,6 @@ public final class Server {
         }
         listener.delegate = self
         listeners.append(listener)
-        log.info("listening on \(listener.localDescription)")
     }
 
     private func closeListenersAfterFailure() {
