@@ -72,7 +72,7 @@ struct AccessList: Equatable {
         guard let path else { return .everyone }
         let text: String
         do {
-            text = try ConfigFile.readText(path, referencedFrom: nil)
+            text = try ConfigFile.readText(path, referencedFrom: nil, what: "this authfile")
         } catch {
             if access(path, F_OK) != 0 && errno == ENOENT { return .everyone }
             throw ServerError(error.description)

@@ -152,12 +152,12 @@ public enum ConfigFile {
         return sections
     }
 
-    static func readText(_ path: String, referencedFrom entry: Entry?) throws(ConfigError) -> String {
+    static func readText(_ path: String, referencedFrom entry: Entry?, what: String = "the config file") throws(ConfigError) -> String {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else {
             let why = String(cString: strerror(errno))
             if let entry { throw ConfigError(file: entry.file, line: entry.line, "cannot read \(path): \(why)") }
-            throw ConfigError(file: path, line: 0, "cannot read the config file: \(why)")
+            throw ConfigError(file: path, line: 0, "cannot read \(what): \(why) (as uid \(getuid()))")
         }
         defer { close(fd) }
         var bytes: [UInt8] = []

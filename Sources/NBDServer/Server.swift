@@ -1,7 +1,9 @@
 // The server: one event loop, its listeners, the exports and every connection to them.
 //
-// Startup: bind the listeners (or adopt systemd's), drop privileges, then open every image, so images
-// are only ever opened as the configured user. READY=1 goes to systemd once all of that is done.
+// Startup: bind the listeners (or adopt systemd's), drop privileges, then read authfiles and open every
+// image, so both are only ever opened as the configured user, as a reload (SIGHUP) will open them; the
+// config file is read as root at startup but as that user on reload. READY=1 goes to systemd once all
+// of that is done.
 //
 // Exports live in an ExportTable (what new clients can choose). An export leaves the table on reload
 // when removed or changed, but its image stays open while connections hold it (`openExports`); when
@@ -68,13 +70,14 @@ public final class Server {
         budget = MemoryBudget(limit: configuration.memoryBudgetBytes)
         exports = ExportTable([])
         exports.listAllowed = configuration.allowList
-        var accessLists: [AccessList] = []
-        for export in configuration.exports { accessLists.append(try AccessList.load(export.authFile)) }
         try Self.checkImageConflicts(configuration.exports)
         try listen()
         do throws(ServerError) {
             try preparePidFile()
             try Privileges.drop(user: configuration.user, group: configuration.group, log: log)
+            // Authfiles are read as the user qnbd runs as, as a reload will read them.
+            var accessLists: [AccessList] = []
+            for export in configuration.exports { accessLists.append(try AccessList.load(export.authFile)) }
             var opened: [Export] = []
             for (export, access) in zip(configuration.exports, accessLists) {
                 opened.append(try openExport(export, access: access))

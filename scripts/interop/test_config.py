@@ -113,7 +113,7 @@ class ConfigFileTests(QnbdTestCase):
         self.addCleanup(shutil.rmtree, shared, True)
         os.chmod(shared, 0o755)
         img = make_image(os.path.join(shared, "blkdev"), 2 * MiB, [(0, pattern_bytes(9, 4096))])
-        allow = os.path.join(self.dir, "allow")
+        allow = os.path.join(shared, "allow")
         with open(allow, "w") as f:
             f.write("127.0.0.1\n192.168.0.0/8\n192.168.1.1\n")
         simple = write_config(os.path.join(self.dir, "simple.conf"),

@@ -5,6 +5,7 @@
 # see no error and no wrong byte.
 
 import os
+import subprocess
 import threading
 
 from qnbdtest import *
@@ -164,6 +165,41 @@ class ReloadTests(QnbdTestCase):
         self.assertGreaterEqual(load.ops, 200)
         with open(load_img, "rb") as f:
             self.assertBytesEqual(f.read(), load.model, "load export after reloads")
+
+    def test_repeated_reloads_under_fio_verify(self):
+        # fio writes with crc32c verification on a qcow2 export over two connections while ten
+        # reloads add and remove another export; fio must finish without an error or a bad block.
+        img = os.path.join(self.dir, "load.qcow2")
+        run(["qemu-img", "create", "-q", "-f", "qcow2", img, "64M"])
+        extra = self.image(size=MiB, name="extra.img")
+        self.conf = os.path.join(self.dir, "q.conf")
+        self.write(self.section("load", img))
+        srv = self.start_config_server(self.conf)
+        job = os.path.join(self.dir, "job.fio")
+        with open(job, "w") as f:
+            f.write("[global]\nioengine=nbd\nuri=%s\nrw=randwrite\nbs=4k\niodepth=16\nverify=crc32c\n"
+                    "verify_fatal=1\nverify_state_save=0\ndo_verify=1\nloops=4\n[job0]\noffset=0\nsize=32m\n"
+                    "[job1]\noffset=32m\nsize=32m\n" % srv.uri("load"))
+        fio = subprocess.Popen(["fio", "--output-format=json", job], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=self.dir)
+        self.addCleanup(lambda: fio.poll() is None and fio.kill())
+        for i in range(10):
+            with_extra = i % 2 == 0
+            self.write(self.section("load", img) + (self.section("extra", extra) if with_extra else ""))
+            before = srv.log().count("reload done")
+            srv.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: srv.log().count("reload done") > before, "reload %d" % i)
+            self.assertEqual(self.names(srv), ["load", "extra"] if with_extra else ["load"])
+            time.sleep(0.02)
+        self.assertIsNone(fio.poll(), "fio ended before the reloads did, so they were not under load")
+        out, err = fio.communicate(timeout=240)
+        self.assertEqual(fio.returncode, 0, "fio failed:\n%s\n%s" % (out[-3000:], err[-3000:]))
+        jobs = json.loads(out[out.index("{"):])["jobs"]
+        for j in jobs:
+            self.assertEqual(j["error"], 0, j["jobname"])
+            self.assertEqual(j["write"]["io_bytes"], 4 * 32 * MiB, j["jobname"])
+            self.assertGreaterEqual(j["read"]["io_bytes"], 32 * MiB, j["jobname"])
+        self.assertNotIn("reload failed", srv.log())
 
     def test_sighup_without_config_file_changes_nothing(self):
         srv = self.start_server()
