@@ -258,9 +258,9 @@ final class Connection {
 
     private func enterTransmission(_ session: NegotiatedSession) {
         handshake = nil
-        guard let chosen = exports.attach(named: session.export.name, connection: id) else {
-            // A reload removed the export, or other clients filled it, while this one negotiated.
-            log.info("connection \(id): export \"\(session.export.name)\" is gone or full, closing")
+        guard let chosen = exports.attach(session.export, connection: id) else {
+            // A reload removed or changed the export, or other clients filled it, while this one negotiated.
+            log.info("connection \(id): export \"\(session.export.name)\" is gone, changed or full, closing")
             close()
             return
         }

@@ -91,9 +91,19 @@ public final class ExportTable {
         return Handshake(exports: list, listAllowed: listAllowed)
     }
 
-    /// Binds connection `id` to the export it negotiated; nil if the export is gone or full by now.
-    func attach(named name: String, connection id: Int) -> Export? {
-        guard let export = export(named: name) else { return nil }
+    /// Binds connection `id` to the export it negotiated; nil if the export is gone or full by now, or
+    /// was reopened by a reload with a different size, access mode or block sizes than the client was
+    /// told (its requests were validated against what it was told).
+    func attach(_ negotiated: ExportDescriptor, connection id: Int) -> Export? {
+        guard let export = export(named: negotiated.name) else { return nil }
+        let current = export.descriptor
+        guard current.size == negotiated.size,
+              current.flags.contains(.readOnly) == negotiated.flags.contains(.readOnly),
+              current.flags.contains(.sendTrim) || !negotiated.flags.contains(.sendTrim),
+              current.flags.contains(.sendWriteZeroes) || !negotiated.flags.contains(.sendWriteZeroes),
+              current.minimumBlockSize == negotiated.minimumBlockSize,
+              current.maximumBlockSize == negotiated.maximumBlockSize,
+              current.metaContexts == negotiated.metaContexts else { return nil }
         if let limit = export.configuration.maximumConnections, export.connectionCount >= limit { return nil }
         export.connectionCount += 1
         holders[id] = export

@@ -97,13 +97,20 @@ private final class StubDevice: BlockDevice {
         _ = friend.receive([0, 0, 0, 3])
         #expect(listNames(&friend) == ["limited", "guarded"])
 
-        #expect(table.attach(named: "limited", connection: 1) != nil)
-        #expect(table.attach(named: "limited", connection: 2) == nil, "maxconnections")
+        let limitedDescriptor = table.export(named: "limited")!.descriptor
+        #expect(table.attach(limitedDescriptor, connection: 1) != nil)
+        #expect(table.attach(limitedDescriptor, connection: 2) == nil, "maxconnections")
         var late = table.handshake(forPeer: "192.0.2.7:4001")
         _ = late.receive([0, 0, 0, 3])
         #expect(listNames(&late) == ["guarded"])
         #expect(table.detach(connection: 1)?.name == "limited")
-        #expect(table.attach(named: "limited", connection: 3) != nil)
+        #expect(table.attach(limitedDescriptor, connection: 3) != nil)
+        var resized = limitedDescriptor
+        resized.size *= 2
+        #expect(table.attach(resized, connection: 4) == nil, "told another size than the export has now")
+        var writable = guarded.descriptor
+        writable.flags.insert(.readOnly)
+        #expect(table.attach(writable, connection: 5) == nil, "told another access mode")
 
         table.listAllowed = false
         var closed = table.handshake(forPeer: "192.0.2.7:4002")

@@ -201,6 +201,27 @@ class ReloadTests(QnbdTestCase):
             self.assertGreaterEqual(j["read"]["io_bytes"], 32 * MiB, j["jobname"])
         self.assertNotIn("reload failed", srv.log())
 
+    def test_client_negotiating_across_a_reopen_is_closed_not_misled(self):
+        # A client shown the old 1 MiB image must not get the new 2 MiB one under the old size.
+        small = self.image(size=MiB, name="small.img")
+        big = self.image(size=2 * MiB, name="big.img")
+        self.conf = os.path.join(self.dir, "q.conf")
+        self.write(self.section("d", small))
+        srv = self.start_config_server(self.conf)
+        c = self.raw(srv)
+        c.start()
+        self.assertEqual(c.option(OPT_INFO, info_payload("d", ()))[-1][0], REP_ACK)
+        self.write(self.section("d", big))
+        srv.proc.send_signal(signal.SIGHUP)
+        self.wait_log(srv, 'reload: export "d" changed; reopening it')
+        wait_until(lambda: srv.log().count("serving raw file") == 2, "the reopened export")
+        c.send_option(OPT_GO, info_payload("d", ()))
+        closed, _ = c.read_until_close()
+        self.assertTrue(closed)
+        self.assertIn('export "d" is gone, changed or full, closing', srv.log())
+        h = self.connect(srv, name="d")
+        self.assertEqual(h.get_size(), 2 * MiB)
+
     def test_sighup_without_config_file_changes_nothing(self):
         srv = self.start_server()
         srv.proc.send_signal(signal.SIGHUP)
