@@ -11,6 +11,9 @@ public struct ExportDescriptor: Sendable, Equatable {
     public var maximumBlockSize: UInt32
     /// Meta contexts this export can answer BLOCK_STATUS for, in the order LIST reports them.
     public var metaContexts: [String]
+    /// Set when this client may not use the export (the server's access policy): LIST leaves it out,
+    /// INFO and GO answer NBD_REP_ERR_POLICY with this text, EXPORT_NAME closes.
+    public var refusal: String?
 
     public init(name: String, description: String, size: UInt64, flags: TransmissionFlags,
                 minimumBlockSize: UInt32 = 1, preferredBlockSize: UInt32 = 4096,

@@ -51,6 +51,8 @@ public struct Handshake: Sendable {
     public private(set) var state: State = .awaitingClientFlags
     private let exports: [ExportDescriptor]
     private let limits: HandshakeLimits
+    /// Whether LIST answers (nbd-server's `allowlist`); ERR_POLICY otherwise.
+    private let listAllowed: Bool
     private var clientFlags: ClientFlags = []
     private var optionsSeen = 0
     private var structuredReplies = false
@@ -59,9 +61,10 @@ public struct Handshake: Sendable {
     private var selectedContexts: [(id: UInt32, name: String)] = []
     private var contextsExport: String?
 
-    public init(exports: [ExportDescriptor], limits: HandshakeLimits = HandshakeLimits()) {
+    public init(exports: [ExportDescriptor], limits: HandshakeLimits = HandshakeLimits(), listAllowed: Bool = true) {
         self.exports = exports
         self.limits = limits
+        self.listAllowed = listAllowed
     }
 
     /// The 18 bytes the server sends first.
@@ -162,6 +165,7 @@ public struct Handshake: Sendable {
               let export = export(named: name) else {
             return close("EXPORT_NAME for an unknown export")
         }
+        if let refusal = export.refusal { return close("EXPORT_NAME refused: \(refusal)") }
         var w = WireWriter()
         w.u64(export.size)
         w.u16(advertisedFlags(export).rawValue)
@@ -173,8 +177,11 @@ public struct Handshake: Sendable {
         guard payload.isEmpty else {
             return .proceed(reply: Self.error(.errorInvalid, option: NBDOption.list.rawValue, "LIST takes no payload"))
         }
+        guard listAllowed else {
+            return .proceed(reply: Self.error(.errorPolicy, option: NBDOption.list.rawValue, "this server does not list its exports"))
+        }
         var out: [UInt8] = []
-        for export in exports {
+        for export in exports where export.refusal == nil {
             var w = WireWriter()
             let name = Array(export.name.utf8)
             w.u32(UInt32(name.count))
@@ -202,6 +209,7 @@ public struct Handshake: Sendable {
         guard let export = export(named: name) else {
             return .proceed(reply: Self.error(.errorUnknown, option: raw, "no export named \"\(name)\""))
         }
+        if let refusal = export.refusal { return .proceed(reply: Self.error(.errorPolicy, option: raw, refusal)) }
         var out: [UInt8] = []
         var w = WireWriter()
         w.u16(NBDInfoType.export.rawValue)
@@ -293,6 +301,7 @@ public struct Handshake: Sendable {
         guard let export = export(named: name) else {
             return .proceed(reply: Self.error(.errorUnknown, option: raw, "no export named \"\(name)\""))
         }
+        if let refusal = export.refusal { return .proceed(reply: Self.error(.errorPolicy, option: raw, refusal)) }
         var matches: [String] = []
         if option == .listMetaContext {
             // LIST with no query lists everything; a namespace alone ("base:", "qemu:") is a wildcard.

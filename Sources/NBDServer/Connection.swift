@@ -49,10 +49,12 @@ final class Connection {
     let stream: SocketStream
     private unowned let server: Server
     private let exports: ExportTable
+    /// Bytes the client sent, for the server's close log line (bytes sent: stream.bytesWritten).
+    private(set) var bytesReceived: UInt64 = 0
     /// The export the handshake chose; set when transmission starts.
     @exclusivity(unchecked) private var export: Export?
     private let pool: BufferPool
-    private let log: Logger
+    private var log: Logger
     private let limits: ConnectionLimits
     private let budget: MemoryBudget
 
@@ -100,7 +102,7 @@ final class Connection {
         self.limits = limits
         self.budget = budget
         self.staging = .allocate(byteCount: Self.stagingSize, alignment: 16)
-        self.handshake = Handshake(exports: exports.descriptors)
+        self.handshake = exports.handshake(forPeer: stream.peerDescription)
         let timer = LoopTimer(loop: loop)
         self.timer = timer
         stream.delegate = self
@@ -256,14 +258,14 @@ final class Connection {
 
     private func enterTransmission(_ session: NegotiatedSession) {
         handshake = nil
-        guard let chosen = exports.export(named: session.export.name) else {
-            // The handshake only finishes on a name it was shown, and the table does not shrink
-            // under a live connection; treat a miss as the peer's loss, not the server's.
-            log.info("connection \(id): export \"\(session.export.name)\" is gone, closing")
+        guard let chosen = exports.attach(session.export, connection: id) else {
+            // A reload removed or changed the export, or other clients filled it, while this one negotiated.
+            log.info("connection \(id): export \"\(session.export.name)\" is gone, changed or full, closing")
             close()
             return
         }
         export = chosen
+        log = log.labelled("export \"\(chosen.name)\"")
         watchSendProgress()
         self.session = session
         validator = RequestValidator(session: session)
@@ -680,7 +682,10 @@ final class Connection {
 extension Connection: SocketStreamDelegate {
     func streamWantsReadBuffer(_ stream: SocketStream) -> UnsafeMutableRawBufferPointer { readBuffer() }
 
-    func stream(_ stream: SocketStream, didRead count: Int) { didRead(count) }
+    func stream(_ stream: SocketStream, didRead count: Int) {
+        bytesReceived &+= UInt64(count)
+        didRead(count)
+    }
 
     func stream(_ stream: SocketStream, didFailReadingWith error: UVError) {
         if error != .eof { log.info("connection \(id) from \(stream.peerDescription): read failed: \(error)") }

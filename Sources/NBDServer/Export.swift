@@ -1,4 +1,5 @@
-// An export ties a name and description to the one driver instance every connection shares.
+// An export ties a name, its settings and access list to the one driver instance every connection
+// to it shares.
 
 import BlockDevice
 import NBDProtocol
@@ -6,17 +7,30 @@ import NBDProtocol
 public final class Export {
     public let device: BlockDevice
     public let descriptor: ExportDescriptor
+    public let configuration: ExportConfiguration
+    /// Who may connect; replaced on reload without reopening the image.
+    var access = AccessList.everyone
+    /// Connections in transmission on this export.
+    var connectionCount = 0
 
-    public init(name: String, description: String, device: BlockDevice) {
+    public convenience init(name: String, description: String, device: BlockDevice) {
+        var configuration = ExportConfiguration(name: name, imagePath: "")
+        configuration.description = description
+        self.init(configuration: configuration, device: device)
+    }
+
+    public init(configuration: ExportConfiguration, device: BlockDevice) {
         self.device = device
+        self.configuration = configuration
         let caps = device.capabilities
         var flags: TransmissionFlags = [.hasFlags]
         if !caps.writable { flags.insert(.readOnly) }
-        if caps.canFlush { flags.insert(.sendFlush) }
+        if caps.canFlush && configuration.flush != false { flags.insert(.sendFlush) }
         // FUA is harmless on a read-only export and clients (qemu) expect it wherever FLUSH is offered.
-        if caps.canFlush { flags.insert(.sendFUA) }
-        if caps.rotational { flags.insert(.rotational) }
-        if caps.writable && caps.canTrim { flags.insert(.sendTrim) }
+        if caps.canFlush && configuration.flush != false && configuration.fua != false { flags.insert(.sendFUA) }
+        if caps.rotational || configuration.rotational == true { flags.insert(.rotational) }
+        if configuration.rotational == false { flags.remove(.rotational) }
+        if caps.writable && caps.canTrim && configuration.trim != false { flags.insert(.sendTrim) }
         if caps.writable && caps.canZero {
             flags.insert(.sendWriteZeroes)
             if caps.canFastZero { flags.insert(.sendFastZero) }
@@ -26,19 +40,35 @@ public final class Export {
         var contexts = [MetaContextName.baseAllocation]
         if caps.knowsAllocationDepth { contexts.append(MetaContextName.allocationDepth) }
         self.descriptor = ExportDescriptor(
-            name: name, description: description, size: device.size, flags: flags,
+            name: configuration.name, description: configuration.description, size: device.size, flags: flags,
             minimumBlockSize: caps.minimumBlockSize, preferredBlockSize: max(caps.preferredBlockSize, 512),
             maximumBlockSize: Self.maximumPayload, metaContexts: contexts)
     }
 
+    public var name: String { descriptor.name }
+
     /// Largest READ or WRITE we serve: 32 MiB, what every client stays within.
     public static let maximumPayload: UInt32 = 32 << 20
+
+    /// Why a client at `peer` may not use this export now, or nil.
+    func refusal(forPeer peer: String) -> String? {
+        if !access.allows(peerDescription: peer) { return "access to export \"\(name)\" is denied for this address" }
+        if let limit = configuration.maximumConnections, connectionCount >= limit {
+            return "export \"\(name)\" has \(limit) connections already (maxconnections)"
+        }
+        return nil
+    }
 }
 
 /// The exports a server offers. Connections read it when they start negotiating and resolve the
-/// export a client chose by name, so the set can change (a reload) without touching live connections.
+/// export a client chose by name, so the set can change (a reload) without touching live connections:
+/// a connection holds its Export, and the table counts who holds which.
 public final class ExportTable {
     public private(set) var exports: [Export]
+    /// nbd-server's `allowlist`: whether LIST answers.
+    var listAllowed = true
+    /// Which export each connection in transmission holds (by connection id), even a removed one.
+    private var holders: [Int: Export] = [:]
 
     public init(_ exports: [Export]) {
         self.exports = exports
@@ -50,4 +80,44 @@ public final class ExportTable {
     public func export(named name: String) -> Export? {
         exports.first { $0.descriptor.name == name }
     }
+
+    /// A handshake for one client: exports it may not use carry their refusal.
+    func handshake(forPeer peer: String) -> Handshake {
+        let list = exports.map { export -> ExportDescriptor in
+            var descriptor = export.descriptor
+            descriptor.refusal = export.refusal(forPeer: peer)
+            return descriptor
+        }
+        return Handshake(exports: list, listAllowed: listAllowed)
+    }
+
+    /// Binds connection `id` to the export it negotiated; nil if the export is gone or full by now, or
+    /// was reopened by a reload with a different size, access mode or block sizes than the client was
+    /// told (its requests were validated against what it was told).
+    func attach(_ negotiated: ExportDescriptor, connection id: Int) -> Export? {
+        guard let export = export(named: negotiated.name) else { return nil }
+        let current = export.descriptor
+        guard current.size == negotiated.size,
+              current.flags.contains(.readOnly) == negotiated.flags.contains(.readOnly),
+              current.flags.contains(.sendTrim) || !negotiated.flags.contains(.sendTrim),
+              current.flags.contains(.sendWriteZeroes) || !negotiated.flags.contains(.sendWriteZeroes),
+              current.minimumBlockSize == negotiated.minimumBlockSize,
+              current.maximumBlockSize == negotiated.maximumBlockSize,
+              current.metaContexts == negotiated.metaContexts else { return nil }
+        if let limit = export.configuration.maximumConnections, export.connectionCount >= limit { return nil }
+        export.connectionCount += 1
+        holders[id] = export
+        return export
+    }
+
+    /// The export connection `id` held, now released.
+    func detach(connection id: Int) -> Export? {
+        guard let export = holders.removeValue(forKey: id) else { return nil }
+        export.connectionCount -= 1
+        return export
+    }
+
+    func holder(of connection: Int) -> Export? { holders[connection] }
+
+    func replaceAll(_ exports: [Export]) { self.exports = exports }
 }

@@ -1,4 +1,4 @@
-// Opens the image a configuration names with the driver its format needs.
+// Opens the image an export configuration names with the driver its format needs.
 
 import BlockDevice
 import QCow2
@@ -13,7 +13,7 @@ import Glibc
 enum ImageOpener {
     static let qcow2Magic: [UInt8] = [0x51, 0x46, 0x49, 0xfb]
 
-    static func open(_ configuration: ServerConfiguration, io: FileIO, log: Logger) throws(ServerError) -> BlockDevice {
+    static func open(_ configuration: ExportConfiguration, io: FileIO, log: Logger) throws(ServerError) -> BlockDevice {
         let path = configuration.imagePath
         let format: ServerConfiguration.ImageFormat
         if let f = configuration.format {

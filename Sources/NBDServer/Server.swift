@@ -1,8 +1,18 @@
-// The server: one event loop, its listeners, the shared export and every connection to it.
+// The server: one event loop, its listeners, the exports and every connection to them.
+//
+// Startup: bind the listeners (or adopt systemd's), drop privileges, then read authfiles and open every
+// image, so both are only ever opened as the configured user, as a reload (SIGHUP) will open them; the
+// config file is read as root at startup but as that user on reload. READY=1 goes to systemd once all
+// of that is done.
+//
+// Exports live in an ExportTable (what new clients can choose). An export leaves the table on reload
+// when removed or changed, but its image stays open while connections hold it (`openExports`); when
+// the last one leaves, the image is closed (flushed and left clean) and a changed export reopens with
+// its new settings. See Server+Reload.swift.
 //
 // Shutdown (SIGINT/SIGTERM) runs in stages on the loop: stop accepting; let each connection finish and
-// answer what it was asked; flush the image; close the remaining handles so `run()` returns. A timer
-// bounds the wait for clients that never drain their replies.
+// answer what it was asked; close every open image; close the remaining handles so `run()` returns. A
+// timer bounds the wait for clients that never drain their replies.
 
 import BlockDevice
 import NBDProtocol
@@ -12,27 +22,42 @@ import Glibc
 #endif
 
 public final class Server {
-    private let configuration: ServerConfiguration
-    private let log: Logger
+    var configuration: ServerConfiguration
+    let log: Logger
     private let loop: EventLoop
     private let io: FileIO
     private let pool: BufferPool
     private let budget: MemoryBudget
-    private let exports: ExportTable
+    let exports: ExportTable
+    let notify: SystemdNotify
+    /// Every export whose image is open and not closing: the table's, and removed or replaced ones that
+    /// connections still hold.
+    var openExports: [Export] = []
+    /// New settings for an export, waiting until no connection holds its current image.
+    var pendingChanges: [String: ExportConfiguration] = [:]
+    /// Export names in configuration order, the order LIST shows.
+    var exportOrder: [String] = []
+    /// Image closes in flight, by export.
+    var closers: [ObjectIdentifier: ExportCloser] = [:]
+    /// Exports closing so they can reopen with new settings; the settings wait in `pendingChanges`.
+    var reopening: Set<String> = []
     private var listeners: [Listener] = []
     private var connections: [Int: Connection] = [:]
     private var nextConnectionID = 1
+    /// When each connection was accepted (CLOCK_MONOTONIC ns), for its close line.
+    private var connectionStarts: [Int: UInt64] = [:]
     private var signals: [SignalWatcher] = []
     private var stopMailbox: Mailbox<Bool>?
     private var shutdownTimer: LoopTimer?
-    private var stopping = false
+    private(set) var stopping = false
+    private var imagesClosing = false
     private var exitStatus: Int32 = 0
-    /// Exports whose final flush has not completed yet.
-    private var imagesClosing = 0
+    private var pidFileDescriptor: Int32 = -1
 
     public init(configuration: ServerConfiguration) throws(ServerError) {
         self.configuration = configuration
         self.log = Logger(level: configuration.logLevel)
+        notify = SystemdNotify.fromEnvironment()
         EventLoop.configureThreadPool(size: configuration.threadPoolSize)
         do {
             loop = try EventLoop()
@@ -43,18 +68,45 @@ public final class Server {
         // The pool keeps freed buffers for reuse; a quarter of the budget is enough to avoid churn.
         pool = BufferPool(maximumCachedBytes: configuration.memoryBudgetBytes / 4)
         budget = MemoryBudget(limit: configuration.memoryBudgetBytes)
-        let device = try ImageOpener.open(configuration, io: io, log: log)
-        let export = Export(name: configuration.exportName, description: configuration.description, device: device)
-        exports = ExportTable([export])
-        log.info("serving \(device.summary)\(configuration.readOnly ? " read-only" : "") as export \"\(configuration.exportName)\"")
+        exports = ExportTable([])
+        exports.listAllowed = configuration.allowList
+        try Self.checkImageConflicts(configuration.exports)
         try listen()
-        try installSignalHandlers()
-        do {
-            stopMailbox = try Mailbox<Bool>(loop: loop) { [unowned self] _ in self.beginShutdown() }
+        do throws(ServerError) {
+            try preparePidFile()
+            try Privileges.drop(user: configuration.user, group: configuration.group, log: log)
+            // Authfiles are read as the user qnbd runs as, as a reload will read them.
+            var accessLists: [AccessList] = []
+            for export in configuration.exports { accessLists.append(try AccessList.load(export.authFile)) }
+            var opened: [Export] = []
+            for (export, access) in zip(configuration.exports, accessLists) {
+                opened.append(try openExport(export, access: access))
+            }
+            exports.replaceAll(opened)
+            openExports = opened
+            exportOrder = configuration.exports.map(\.name)
+            try installSignalHandlers()
+            do {
+                stopMailbox = try Mailbox<Bool>(loop: loop) { [unowned self] _ in self.beginShutdown() }
+            } catch {
+                throw ServerError("cannot create the stop mailbox: \(error)")
+            }
+            try writePidFile()
         } catch {
-            throw ServerError("cannot create the stop mailbox: \(error)")
+            for l in listeners { l.close() }
+            listeners.removeAll()
+            for s in signals { s.close() }
+            signals.removeAll()
+            if pidFileDescriptor >= 0 { Glibc.close(pidFileDescriptor) }
+            if let pidFile = configuration.pidFile { unlink(pidFile) }
+            loop.runNoWait()
+            throw error
         }
-        if let pidFile = configuration.pidFile { try writePidFile(pidFile) }
+        // Said once serving, so a refused image stays the one line a failed start prints.
+        for listener in listeners { log.info("listening on \(listener.localDescription)") }
+        if let problem = notify.send("READY=1\nSTATUS=serving \(exports.exports.count) export(s)\nMAINPID=\(getpid())") {
+            log.warning(problem)
+        }
     }
 
     /// Stops the server from any thread, as SIGTERM does (for embedding and tests).
@@ -77,9 +129,70 @@ public final class Server {
         return exitStatus
     }
 
+    // MARK: - Exports
+
+    /// Opens one export's image (as whoever the process is by now).
+    func openExport(_ configuration: ExportConfiguration, access: AccessList) throws(ServerError) -> Export {
+        // Driver messages (repairs, I/O errors that turn the image read-only) name the export.
+        let device = try ImageOpener.open(configuration, io: io, log: log.labelled("export \"\(configuration.name)\""))
+        let export = Export(configuration: configuration, device: device)
+        export.access = access
+        let origin = configuration.origin.isEmpty ? "" : " (\(configuration.origin))"
+        log.info("serving \(device.summary)\(configuration.readOnly ? " read-only" : "") as export \"\(configuration.name)\"\(origin)")
+        return export
+    }
+
+    /// One image behind two exports is refused unless both only read it: two writers (two drivers,
+    /// two caches) would corrupt it. Files are compared by device and inode, not by path.
+    static func checkImageConflicts(_ exports: [ExportConfiguration]) throws(ServerError) {
+        var seen: [(dev: UInt64, ino: UInt64, export: ExportConfiguration)] = []
+        for export in exports {
+            var info = stat()
+            guard stat(export.imagePath, &info) == 0 else { continue }
+            let dev = UInt64(info.st_dev), ino = UInt64(info.st_ino)
+            if let other = seen.first(where: { $0.dev == dev && $0.ino == ino }), !(other.export.readOnly && export.readOnly) {
+                func named(_ e: ExportConfiguration) -> String { "\"\(e.name)\"" + (e.origin.isEmpty ? "" : " (\(e.origin))") }
+                throw ServerError("exports \(named(other.export)) and \(named(export)) both open \(export.imagePath); "
+                                  + "one image can back several exports only if all of them are readonly")
+            }
+            seen.append((dev, ino, export))
+        }
+    }
+
+    /// Flushes and closes an export's image; `then` runs once it is closed (not during shutdown).
+    func closeExport(_ export: Export, then: (() -> Void)? = nil) {
+        openExports.removeAll { $0 === export }
+        let closer = ExportCloser(export: export) { [unowned self] closer, outcome in
+            self.closers.removeValue(forKey: ObjectIdentifier(closer.export))
+            if case .failed(let error) = outcome {
+                self.log.error("export \"\(closer.export.name)\": closing the image failed: \(error)")
+                self.exitStatus = 1
+            } else {
+                self.log.info("export \"\(closer.export.name)\": image closed")
+            }
+            if !self.stopping { then?() }
+            self.finishStopIfDone()
+        }
+        closers[ObjectIdentifier(export)] = closer
+        export.device.close(tag: 0, handler: closer)
+    }
+
     // MARK: - Listening
 
     private func listen() throws(ServerError) {
+        if let activation = try SocketActivation.fromEnvironment() {
+            for socket in activation.sockets {
+                do throws(UVError) {
+                    let listener = try Listener.adopt(loop: loop, fd: socket.fd, name: socket.name)
+                    try start(listener)
+                } catch {
+                    closeListenersAfterFailure()
+                    throw ServerError("cannot use socket fd \(socket.fd) from systemd: \(error)")
+                }
+            }
+            log.debug("socket-activated: \(activation.sockets.count) socket(s); configured listen addresses are not bound")
+            return
+        }
         var addresses = configuration.listen
         if addresses.isEmpty { addresses = [.tcp(host: "::", port: 10809)] }
         for address in addresses {
@@ -91,19 +204,31 @@ public final class Server {
                 case .unix(let path):
                     listener = try Listener.unix(loop: loop, path: path)
                 }
-                try listener!.start()
-                listener!.delegate = self
-                listeners.append(listener!)
-                log.info("listening on \(listener!.localDescription)")
+                try start(listener!)
             } catch {
                 // Give every handle back before failing, so nothing outlives the server that made it.
                 listener?.close()
-                for l in listeners { l.close() }
-                listeners.removeAll()
-                loop.runNoWait()
+                closeListenersAfterFailure()
                 throw ServerError("cannot listen on \(address): \(error)")
             }
         }
+    }
+
+    private func start(_ listener: Listener) throws(UVError) {
+        do {
+            try listener.start()
+        } catch {
+            listener.close()
+            throw error
+        }
+        listener.delegate = self
+        listeners.append(listener)
+    }
+
+    private func closeListenersAfterFailure() {
+        for l in listeners { l.close() }
+        listeners.removeAll()
+        loop.runNoWait()
     }
 
     /// "::" means every address; hosts without IPv6 fall back to IPv4's wildcard.
@@ -115,8 +240,25 @@ public final class Server {
         }
     }
 
-    private func writePidFile(_ path: String) throws(ServerError) {
-        let text = "\(getpid())\n"
+    /// With a user to become, the pid file is created before the drop (its directory may be root's)
+    /// and filled once serving.
+    private func preparePidFile() throws(ServerError) {
+        guard let path = configuration.pidFile, configuration.user != nil || configuration.group != nil else { return }
+        pidFileDescriptor = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard pidFileDescriptor >= 0 else {
+            throw ServerError("cannot write pid file \(path): \(String(cString: strerror(errno)))")
+        }
+    }
+
+    private func writePidFile() throws(ServerError) {
+        guard let path = configuration.pidFile else { return }
+        var text = "\(getpid())\n"
+        if pidFileDescriptor >= 0 {
+            text.withUTF8 { _ = Glibc.write(pidFileDescriptor, $0.baseAddress, $0.count) }
+            Glibc.close(pidFileDescriptor)
+            pidFileDescriptor = -1
+            return
+        }
         let tmp = path + ".tmp"
         guard let f = fopen(tmp, "w") else {
             throw ServerError("cannot write pid file \(path): \(String(cString: strerror(errno)))")
@@ -130,9 +272,10 @@ public final class Server {
     }
 
     private func installSignalHandlers() throws(ServerError) {
-        for signal in [SIGINT, SIGTERM] {
+        for signal in [SIGINT, SIGTERM, SIGHUP] {
             do {
                 let watcher = try SignalWatcher(loop: loop, signal: signal) { [unowned self] number in
+                    if number == SIGHUP { return self.reload() }
                     self.log.info("signal \(number): shutting down")
                     self.beginShutdown()
                 }
@@ -149,6 +292,7 @@ public final class Server {
     public func beginShutdown() {
         guard !stopping else { return }
         stopping = true
+        notify.send("STOPPING=1")
         for listener in listeners { listener.close() }
         listeners.removeAll()
         let timer = LoopTimer(loop: loop)
@@ -163,16 +307,32 @@ public final class Server {
     }
 
     private func finishShutdownIfIdle() {
-        guard stopping, connections.isEmpty, shutdownTimer != nil else { return }
+        guard stopping, connections.isEmpty, !imagesClosing else { return }
+        imagesClosing = true
         shutdownTimer?.close()
         shutdownTimer = nil
-        imagesClosing = exports.exports.count
-        for export in exports.exports { export.device.close(tag: 0, handler: self) }
+        for export in openExports { closeExport(export) }
+        finishStopIfDone()
+    }
+
+    /// The last stage: every image is closed, so the remaining handles go and the loop can end.
+    private func finishStopIfDone() {
+        guard imagesClosing, closers.isEmpty, stopMailbox != nil else { return }
+        for s in signals { s.close() }
+        signals.removeAll()
+        stopMailbox?.close()
+        stopMailbox = nil
+        if let pidFile = configuration.pidFile { unlink(pidFile) }
+        log.info("stopped")
     }
 
     func connectionDidFinish(_ connection: Connection) {
         guard connections.removeValue(forKey: connection.id) != nil else { return }
-        log.debug("connection \(connection.id) finished (\(connections.count) left)")
+        let export = exports.detach(connection: connection.id)
+        let started = connectionStarts.removeValue(forKey: connection.id) ?? 0
+        log.info(ConnectionReport.closed(connection, export: export?.name, startedAt: started))
+        log.debug("\(connections.count) connection(s) left")
+        if let export, export.connectionCount == 0 { exportBecameIdle(export) }
         finishShutdownIfIdle()
     }
 }
@@ -181,7 +341,7 @@ extension Server: ListenerDelegate {
     public func listener(_ listener: Listener, didAccept stream: SocketStream) {
         guard !stopping else { return stream.close() }
         guard connections.count < configuration.maximumConnections else {
-            log.warning("refusing \(stream.peerDescription): \(configuration.maximumConnections) connections already")
+            log.warning("refusing \(stream.peerDescription): \(configuration.maximumConnections) connections already (maxconnections)")
             return stream.close()
         }
         stream.setNoDelay(true)
@@ -190,7 +350,13 @@ extension Server: ListenerDelegate {
         let connection = Connection(id: id, stream: stream, server: self, exports: exports, pool: pool, log: log,
                                     limits: configuration.connectionLimits, budget: budget, loop: loop)
         connections[id] = connection
-        log.debug("connection \(id) from \(stream.peerDescription)")
+        connectionStarts[id] = ConnectionReport.now
+        log.info("connection \(id) from \(stream.peerDescription) on \(listener.localDescription)")
+        let refused = exports.exports.filter { !$0.access.allows(peerDescription: stream.peerDescription) }
+        if !refused.isEmpty {
+            log.warning("connection \(id) from \(stream.peerDescription): refused export(s) "
+                        + refused.map { "\"\($0.name)\"" }.joined(separator: ", ") + " by their authfile")
+        }
         connection.start()
     }
 
@@ -199,19 +365,15 @@ extension Server: ListenerDelegate {
     }
 }
 
-extension Server: BlockIOHandler {
-    /// The final flush of a shutdown, once per export; the last one lets the loop end.
-    public func blockIOCompleted(tag: UInt64, outcome: BlockOutcome) {
-        if case .failed(let error) = outcome {
-            log.error("final flush failed: \(error)")
-            exitStatus = 1
-        }
-        imagesClosing -= 1
-        guard imagesClosing == 0 else { return }
-        for s in signals { s.close() }
-        signals.removeAll()
-        stopMailbox?.close()
-        if let pidFile = configuration.pidFile { unlink(pidFile) }
-        log.info("stopped")
+/// Receives the completion of one export's final flush and close.
+final class ExportCloser: BlockIOHandler {
+    let export: Export
+    private let done: (ExportCloser, BlockOutcome) -> Void
+
+    init(export: Export, done: @escaping (ExportCloser, BlockOutcome) -> Void) {
+        self.export = export
+        self.done = done
     }
+
+    func blockIOCompleted(tag: UInt64, outcome: BlockOutcome) { done(self, outcome) }
 }

@@ -103,6 +103,55 @@ public final class Listener {
         return Listener(memory: memory, kind: .pipe, description: "unix:" + path, backlog: backlog)
     }
 
+    /// Adopts a stream socket that is already bound and listening, such as one systemd passes
+    /// (socket activation): TCP through uv_tcp_open, unix through uv_pipe_open. From here on the fd
+    /// belongs to the listener; close() closes it and never unlinks a unix socket's path (the
+    /// socket's owner made it). `name` (LISTEN_FDNAMES) only labels the description.
+    public static func adopt(loop: EventLoop, fd: Int32, name: String? = nil, backlog: Int32 = 128) throws(UVError) -> Listener {
+        var type: Int32 = 0
+        var typeLength = socklen_t(MemoryLayout<Int32>.size)
+        guard getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &typeLength) == 0 else { throw UVError(code: -Glibc.errno) }
+        guard type == Int32(SOCK_STREAM.rawValue) else { throw .invalidArgument }
+        var address = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let rc = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
+        }
+        guard rc == 0 else { throw UVError(code: -Glibc.errno) }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        let label = name.map { " (\($0))" } ?? ""
+        switch Int32(address.ss_family) {
+        case AF_UNIX:
+            let memory = allocateHandle(uv_pipe_t.self)
+            precondition(uv_pipe_init(loop.raw, memory.asPipe, 0) == 0)
+            let opened = uv_pipe_open(memory.asPipe, fd)
+            if opened < 0 {
+                closeAndFree(memory)
+                throw UVError(code: opened)
+            }
+            let path = withUnsafeBytes(of: address) { raw -> String in
+                let un = raw.load(as: sockaddr_un.self)
+                return withUnsafeBytes(of: un.sun_path) { p in
+                    p.first == 0 && p.count > 1 ? "@" + String(decoding: p.dropFirst().prefix { $0 != 0 }, as: UTF8.self)
+                        : String(decoding: p.prefix { $0 != 0 }, as: UTF8.self)
+                }
+            }
+            return Listener(memory: memory, kind: .pipe, description: "unix:\(path.isEmpty ? "fd \(fd)" : path)" + label, backlog: backlog)
+        case AF_INET, AF_INET6:
+            let memory = allocateHandle(uv_tcp_t.self)
+            precondition(uv_tcp_init(loop.raw, memory.asTCP) == 0)
+            let opened = uv_tcp_open(memory.asTCP, fd)
+            if opened < 0 {
+                closeAndFree(memory)
+                throw UVError(code: opened)
+            }
+            let description = "tcp:" + (boundAddress(memory).map { describeSocketAddress([$0]) } ?? "fd \(fd)")
+            return Listener(memory: memory, kind: .tcp, description: description + label, backlog: backlog)
+        default:
+            throw .invalidArgument
+        }
+    }
+
     private static func bindPipe(loop: EventLoop, path: String) -> Result<UnsafeMutableRawPointer, UVError> {
         let memory = allocateHandle(uv_pipe_t.self)
         precondition(uv_pipe_init(loop.raw, memory.asPipe, 0) == 0)

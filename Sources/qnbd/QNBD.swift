@@ -40,20 +40,30 @@ struct QNBD: ParsableCommand {
 
 struct Serve: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Serve a disk image over NBD.",
+        abstract: "Serve a disk image, or every export of a config file, over NBD.",
         discussion: """
             Examples:
               qnbd serve disk.img                         TCP port 10809 on every address
               qnbd serve --socket /run/disk.sock disk.img  a unix socket
               qnbd serve -r --bind 127.0.0.1 -p 10810 disk.img
+              qnbd serve -C /etc/qnbd/qnbd.conf           many exports (nbd-server's config format)
 
             Attach with: nbdinfo nbd://HOST:PORT   qemu-img info nbd://HOST:PORT
                          nbd-client HOST PORT /dev/nbd0 -N ''
             SIGINT or SIGTERM stops the server cleanly: in-flight requests finish and the image is flushed.
+            SIGHUP re-reads the config file. Under systemd, qnbd takes socket-activated sockets
+            (LISTEN_FDS) and reports readiness (Type=notify).
             """)
 
-    @Argument(help: "The image file or block device to serve.")
-    var image: String
+    @Argument(help: "The image file or block device to serve (not with --config).")
+    var image: String?
+
+    @Option(name: [.customShort("C"), .long], help: ArgumentHelp(
+        "Serve the exports of an nbd-server style config file; SIGHUP re-reads it.", valueName: "FILE"))
+    var config: String?
+
+    @Flag(name: .long, help: "Check the config file (or the command line), print the exports and exit.")
+    var checkConfig = false
 
     @Option(name: .long, help: ArgumentHelp("Listen on a unix socket at PATH instead of TCP.", valueName: "PATH"))
     var socket: String?
@@ -61,8 +71,8 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: ArgumentHelp("TCP address to listen on (repeatable; default: every address).", valueName: "ADDR"))
     var bind: [String] = []
 
-    @Option(name: [.short, .long], help: "TCP port (0 picks a free one).")
-    var port: Int = 10809
+    @Option(name: [.short, .long], help: "TCP port (0 picks a free one; default 10809).")
+    var port: Int?
 
     @Option(name: [.customShort("x"), .long], help: "Export name clients ask for.")
     var exportName: String = ""
@@ -76,77 +86,110 @@ struct Serve: ParsableCommand {
     @Option(name: [.short, .long], help: "Image format: raw or qcow2 (default: detected from the image).")
     var format: String?
 
-    @Option(name: .long, help: "Most clients served at once; more are turned away.")
-    var maxConnections: Int = 128
+    @Option(name: .long, help: "Most clients served at once; more are turned away (default 128).")
+    var maxConnections: Int?
 
     @Option(name: .long, help: ArgumentHelp("Write the process id to PATH once listening.", valueName: "PATH"))
     var pidFile: String?
 
-    @Option(name: .long, help: "Threads for file I/O that cannot be served from the page cache.")
-    var threads: Int = 16
+    @Option(name: .long, help: "Threads for file I/O that cannot be served from the page cache (default 16).")
+    var threads: Int?
 
     @Option(name: .long, help: ArgumentHelp(
         "qcow2 metadata cache in bytes (suffixes K, M, G); default: enough for the whole disk, at most 64M.",
         valueName: "SIZE"))
     var cacheSize: String?
 
-    @Option(name: .long, help: "Seconds a client has to finish the handshake.")
-    var handshakeTimeout: Int = 10
+    @Option(name: .long, help: "Seconds a client has to finish the handshake (default 10).")
+    var handshakeTimeout: Int?
 
     @Option(name: .long, help: ArgumentHelp(
-        "Close a connection whose replies the client has not read for SECONDS (0: never).", valueName: "SECONDS"))
-    var sendTimeout: Int = 30
+        "Close a connection whose replies the client has not read for SECONDS (0: never; default 30).", valueName: "SECONDS"))
+    var sendTimeout: Int?
 
     @Flag(name: .shortAndLong, help: "More logging (repeat for more).")
     var verbose: Int
 
+    @Option(name: .long, help: ArgumentHelp("Log level: error, warning, info, debug or trace (default info).", valueName: "LEVEL"))
+    var logLevel: String?
+
     func validate() throws {
+        if config == nil && image == nil { throw ValidationError("give an image to serve, or --config FILE") }
+        if config != nil && image != nil { throw ValidationError("give an image or --config, not both (exports of a config file are set in the file)") }
+        if config != nil {
+            let perExport: [(Bool, String)] = [(!exportName.isEmpty, "--export-name"), (!description.isEmpty, "--description"),
+                                               (readOnly, "--read-only"), (format != nil, "--format"), (cacheSize != nil, "--cache-size")]
+            if let (_, name) = perExport.first(where: { $0.0 }) {
+                throw ValidationError("\(name) sets one export; with --config set it in the export's section of the file")
+            }
+        }
         if socket != nil && !bind.isEmpty { throw ValidationError("--socket and --bind cannot be combined") }
-        if !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
-        if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
-        if !(1...1024).contains(threads) { throw ValidationError("--threads must be between 1 and 1024") }
-        if handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1 second") }
-        if !(0...86_400).contains(sendTimeout) { throw ValidationError("--send-timeout must be between 0 and 86400 seconds") }
-        if let cacheSize, Self.parseSize(cacheSize) == nil {
+        if let port, !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
+        if let maxConnections, maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
+        if let threads, !(1...1024).contains(threads) { throw ValidationError("--threads must be between 1 and 1024") }
+        if let handshakeTimeout, handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1 second") }
+        if let sendTimeout, !(0...86_400).contains(sendTimeout) { throw ValidationError("--send-timeout must be between 0 and 86400 seconds") }
+        if let cacheSize, ServerConfiguration.parseSize(cacheSize) == nil {
             throw ValidationError("--cache-size must be a size such as 1M or 262144, not \(cacheSize)")
         }
         if let format, ServerConfiguration.ImageFormat(rawValue: format) == nil {
             throw ValidationError("--format must be raw or qcow2, not \(format)")
         }
+        if let logLevel, Logger.Level(name: logLevel) == nil {
+            throw ValidationError("--log-level must be error, warning, info, debug or trace, not \(logLevel)")
+        }
     }
 
     /// "64M", "512k", "1G" or plain bytes; binary multiples.
-    static func parseSize(_ text: String) -> Int? {
-        let units: [Character: Int] = ["k": 10, "m": 20, "g": 30, "t": 40]
-        var digits = Substring(text.lowercased())
-        if digits.hasSuffix("ib") { digits = digits.dropLast(2) } else if digits.hasSuffix("b") { digits = digits.dropLast() }
-        var shift = 0
-        if let last = digits.last, let s = units[last] {
-            shift = s
-            digits = digits.dropLast()
+    static func parseSize(_ text: String) -> Int? { ServerConfiguration.parseSize(text) }
+
+    /// The command-line settings that apply on top of a config file (and again at every reload).
+    private func commandLineOverrides() -> @Sendable (inout ServerConfiguration) -> Void {
+        var listen: [ServerConfiguration.ListenAddress]?
+        if let socket {
+            listen = [.unix(path: socket)]
+        } else if !bind.isEmpty || port != nil {
+            listen = (bind.isEmpty ? ["::"] : bind).map { .tcp(host: $0, port: port ?? 10809) }
         }
-        guard let value = Int(digits), value > 0, value <= Int.max >> shift else { return nil }
-        return value << shift
+        let listenOverride = listen
+        let (maxConnections, threads, handshakeTimeout, sendTimeout, pidFile) = (maxConnections, threads, handshakeTimeout, sendTimeout, pidFile)
+        let level: Logger.Level? = logLevel.flatMap(Logger.Level.init(name:)) ?? (verbose > 0 ? [.debug, .trace][min(verbose, 2) - 1] : nil)
+        return { configuration in
+            if let listenOverride { configuration.listen = listenOverride }
+            if let maxConnections { configuration.maximumConnections = maxConnections }
+            if let threads { configuration.threadPoolSize = threads }
+            if let handshakeTimeout { configuration.connectionLimits.handshakeTimeoutMilliseconds = UInt64(handshakeTimeout) * 1000 }
+            if let sendTimeout { configuration.connectionLimits.sendTimeoutMilliseconds = UInt64(sendTimeout) * 1000 }
+            if let pidFile { configuration.pidFile = pidFile }
+            if let level { configuration.logLevel = level }
+        }
     }
 
     func run() throws {
-        var configuration = ServerConfiguration(imagePath: image)
-        configuration.format = format.flatMap(ServerConfiguration.ImageFormat.init(rawValue:))
-        configuration.exportName = exportName
-        configuration.description = description
-        configuration.readOnly = readOnly
-        if let socket {
-            configuration.listen = [.unix(path: socket)]
+        var configuration: ServerConfiguration
+        if let config {
+            do {
+                configuration = try ConfigFile.load(config)
+            } catch {
+                Logger.writeLine("qnbd: \(error)")
+                throw ExitCode(1)
+            }
         } else {
-            configuration.listen = (bind.isEmpty ? ["::"] : bind).map { .tcp(host: $0, port: port) }
+            configuration = ServerConfiguration(imagePath: image!)
+            configuration.exports[0].format = format.flatMap(ServerConfiguration.ImageFormat.init(rawValue:))
+            configuration.exports[0].name = exportName
+            configuration.exports[0].description = description
+            configuration.exports[0].readOnly = readOnly
+            configuration.exports[0].cacheBytes = cacheSize.flatMap(Self.parseSize)
+            configuration.listen = [.tcp(host: "::", port: 10809)]
         }
-        configuration.maximumConnections = maxConnections
-        configuration.pidFile = pidFile
-        configuration.threadPoolSize = threads
-        configuration.cacheBytes = cacheSize.flatMap(Self.parseSize)
-        configuration.connectionLimits.handshakeTimeoutMilliseconds = UInt64(handshakeTimeout) * 1000
-        configuration.connectionLimits.sendTimeoutMilliseconds = UInt64(sendTimeout) * 1000
-        configuration.logLevel = [.info, .debug, .trace][min(verbose, 2)]
+        let overrides = commandLineOverrides()
+        overrides(&configuration)
+        configuration.overrides = overrides
+        if checkConfig {
+            print(ConfigSummary.describe(configuration))
+            return
+        }
         // A client that vanishes mid-reply must cost us an EPIPE, not the process.
         signal(SIGPIPE, SIG_IGN)
         let status: Int32

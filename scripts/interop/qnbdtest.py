@@ -473,6 +473,29 @@ class Server:
         return self.returncode
 
 
+class ConfigServer(Server):
+    """`qnbd serve --config FILE` on a unix socket (default) or TCP 127.0.0.1:0 given on the command
+    line, so the file itself needs no test-specific listen address."""
+
+    def __init__(self, workdir, config, tcp=False, extra=(), **kw):
+        super().__init__(workdir, None, tcp=tcp, extra=extra, **kw)
+        self.config = config
+
+    def argv(self):
+        a = [QNBD, "serve", "--config", self.config, "--pid-file", self.pid_file]
+        if self.tcp:
+            a += ["--bind", self.bind, "--port", str(self.requested_port)]
+        elif self.socket_path:
+            a += ["--socket", self.socket_path]
+        return a + self.extra
+
+
+def write_config(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 def listening_tcp_port(pid):
     """The TCP port a process listens on, from /proc (independent of the log format)."""
     inodes = set()
@@ -1014,6 +1037,12 @@ class QnbdTestCase(unittest.TestCase):
             if rc != 0:
                 raise AssertionError("server exited %s after SIGTERM (expected 0)\n%s" % (
                     rc, tail(srv.log())))
+
+    def start_config_server(self, config, check_stop=True, **kw):
+        srv = ConfigServer(self.dir, config, **kw)
+        self.addCleanup(self._stop_server, srv, check_stop)
+        srv.start()
+        return srv
 
     def connect(self, srv, strict=True, name=None, uri=None):
         h = nbd_connect(uri or srv.uri(name), strict=strict, name=self.id().split(".")[-1][:30])
