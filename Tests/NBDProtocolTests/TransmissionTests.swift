@@ -285,6 +285,23 @@ struct TransmissionTests {
         #expect(r.machine.shutdown().isEmpty && r.machine.budgetAvailable().isEmpty)
     }
 
+    // MARK: - Fidelity
+
+    @Test func extendedWriteWithoutPayloadLengthCarriesNoPayload() {
+        var r = Rig(extended: true)
+        // Without NBD_CMD_FLAG_PAYLOAD_LEN "there is no payload": the next bytes are the next header.
+        #expect(r.header(.write, length: 4096) == [.reject(slot: 0, error: .invalid), .sendRejection(slot: 0)])
+        #expect(r.machine.state == .awaitingHeader)
+        #expect(r.header(.write, flags: .payloadLength, length: 4096)
+                == [.accept(slot: 1, command: .write, payload: 4096)])
+    }
+
+    @Test func anOversizePayloadLengthIsAHardDisconnect() {
+        var r = Rig(extended: true)
+        #expect(r.header(.write, flags: .payloadLength, length: (32 << 20) + 1) == [.close])
+        #expect(r.machine.state == .closing)
+    }
+
     @Test func actionsHoldFourInline() {
         var a = TransmissionActions()
         #expect(a.isEmpty)
