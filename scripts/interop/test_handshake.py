@@ -236,6 +236,8 @@ class OptionTests(HandshakeBase):
         self.assertEqual(c.structured_reply(), T.REP_ACK)
         got = self._meta(c, T.OPT_LIST_META_CONTEXT, ["base:allocation"])
         self.assertEqual([n for i, n in got], ["base:allocation"])
+        # proto.md: "The metadata context ID in these replies is reserved and SHOULD be set to zero"
+        self.assertEqual([i for i, n in got], [0])
         # raw files have no allocation depth: not offered, not an error
         self.assertEqual(self._meta(c, T.OPT_LIST_META_CONTEXT, ["qemu:allocation-depth"]), [])
         # unknown namespaces are ignored
@@ -244,7 +246,9 @@ class OptionTests(HandshakeBase):
                          ["x-nosuch:thing", "base:allocation", "qemu:allocation-depth"])
         self.assertEqual([n for i, n in got], ["base:allocation"])
         # zero queries = everything the export offers
-        names = [n for i, n in self._meta(c, T.OPT_LIST_META_CONTEXT, [])]
+        listed = self._meta(c, T.OPT_LIST_META_CONTEXT, [])
+        self.assertEqual({i for i, n in listed}, {0}, "LIST_META_CONTEXT ids must be 0: %r" % listed)
+        names = [n for i, n in listed]
         self.assertIn("base:allocation", names)
         self.assertNotIn("qemu:allocation-depth", names)
         self.assertInSync(c)
