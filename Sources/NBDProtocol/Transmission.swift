@@ -44,7 +44,10 @@ public struct SharedMemory: Sendable, Equatable {
     }
 }
 
-/// One thing the connection must do. Actions come in the order they must be executed.
+/// One thing the connection must do. Actions come in the order they must be executed, and those that
+/// hand work out (`execute`, `sendRejection`, `release`) come after any change to reading: their
+/// completions may re-enter the machine at once (a driver that answers synchronously, a failed write),
+/// and a resume they cause must not be undone by a `stopReading` still queued behind them.
 public enum TransmissionAction: Equatable, Sendable {
     /// Consume the staged header: it becomes the request in `slot`, of `command`. A WRITE's payload of
     /// `payload` bytes follows (take its buffer now; the machine then counts payload bytes in).
@@ -258,8 +261,8 @@ public struct Transmission: Sendable {
             if payload > 0 {
                 state = .receivingPayload(slot: slot, remaining: payload)
             } else {
-                actions.append(.execute(slot: slot))
                 actions.append(contentsOf: readNextHeader())
+                actions.append(.execute(slot: slot))
             }
             return actions
         case .reject(let error, let payload, let reason):
@@ -269,8 +272,8 @@ public struct Transmission: Sendable {
             if payload > 0 {
                 state = .discardingPayload(slot: slot, remaining: payload)
             } else {
-                actions.append(.sendRejection(slot: slot))
                 actions.append(contentsOf: readNextHeader())
+                actions.append(.sendRejection(slot: slot))
             }
             return actions
         case .disconnect:
@@ -299,8 +302,8 @@ public struct Transmission: Sendable {
                 state = .receivingPayload(slot: slot, remaining: remaining - count)
                 return TransmissionActions()
             }
-            var actions = TransmissionActions(.execute(slot: slot))
-            actions.append(contentsOf: readNextHeader())
+            var actions = readNextHeader()
+            actions.append(.execute(slot: slot))
             return actions
         case .discardingPayload(let slot, let remaining):
             precondition(count > 0 && count <= remaining, "\(count) payload bytes with \(remaining) to go")
@@ -308,8 +311,8 @@ public struct Transmission: Sendable {
                 state = .discardingPayload(slot: slot, remaining: remaining - count)
                 return TransmissionActions()
             }
-            var actions = TransmissionActions(.sendRejection(slot: slot))
-            actions.append(contentsOf: readNextHeader())
+            var actions = readNextHeader()
+            actions.append(.sendRejection(slot: slot))
             return actions
         default:
             preconditionFailure("payload received in \(state)")
