@@ -112,9 +112,6 @@ final class Connection {
     /// Staging holds the largest handshake message (an option payload) plus a header.
     private static let stagingSize = (64 << 10) + 4096
 
-    /// The connection's state, for tests and logs.
-    var state: Transmission.State { machine.state }
-
     func start() {
         sendHandshakeBytes(Handshake.greeting)
         stream.startReading()

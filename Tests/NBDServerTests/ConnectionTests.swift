@@ -150,4 +150,39 @@ import Glibc
         #expect(Date().timeIntervalSince(start) < 10, "the server's 30 s deadline must not be what ends it")
         #expect(client.receive(1) == nil, "the connection is closed without a reply to the unfinished write")
     }
+
+    @Test func connectionsPausedForTheSharedBudgetAllResume() throws {
+        // 64 KiB for every connection together: four 16 KiB reads fill it, so both clients keep pausing
+        // for the budget and must be resumed by each other's (and their own) released replies.
+        let server = try RunningServer(image: "budget.img", limits: ConnectionLimits(), memoryBudget: 64 << 10)
+        let a = try TestClient(path: server.socketPath)
+        let b = try TestClient(path: server.socketPath)
+        #expect(a.handshake() != nil)
+        #expect(b.handshake() != nil)
+        let count = 64
+        for i in 0..<count {
+            a.request(.read, cookie: UInt64(i), offset: UInt64(i) * 16384, length: 16384)
+            b.request(.read, cookie: UInt64(i), offset: UInt64(i) * 16384, length: 16384)
+        }
+        for client in [a, b] {
+            var seen = Set<UInt64>()
+            for _ in 0..<count {
+                let r = try #require(client.reply { _ in 16384 })
+                #expect(r.error == 0)
+                seen.insert(r.cookie)
+            }
+            #expect(seen.count == count)
+        }
+        #expect(server.shutdown() == 0)
+    }
+
+    @Test func shutdownDuringTheHandshakeClosesTheConnection() throws {
+        let server = try RunningServer(image: "hs.img", limits: ConnectionLimits())
+        let client = try TestClient(path: server.socketPath)
+        #expect(client.receive(18) != nil)
+        let start = Date()
+        #expect(server.shutdown() == 0)
+        #expect(Date().timeIntervalSince(start) < 10)
+        #expect(client.receive(1) == nil)
+    }
 }
