@@ -386,15 +386,13 @@ public struct Transmission: Sendable {
     /// Writing a reply failed: the socket is unusable.
     public mutating func writeFailed() -> TransmissionActions { closeNow() }
 
-    /// The owner closes the connection regardless of its state (the server's shutdown deadline).
-    public mutating func forceClose() -> TransmissionActions { closeNow() }
+    /// The owner closes the connection regardless of its state (the server's shutdown deadline). Like a
+    /// send stall, it also cuts off a drain whose replies are stuck.
+    public mutating func forceClose() -> TransmissionActions { cutOff() }
 
     /// The client has read none of the queued replies for the send timeout. Unlike other failures this
     /// also cuts off a drain whose replies are stuck (`closing` after `shutdownAndClose`).
-    public mutating func sendStalled() -> TransmissionActions {
-        if state == .closing { return TransmissionActions(.close) }
-        return closeNow()
-    }
+    public mutating func sendStalled() -> TransmissionActions { cutOff() }
 
     /// The socket reported its close; requests the driver still holds are waited for.
     public mutating func socketClosed() -> TransmissionActions {
@@ -456,6 +454,13 @@ public struct Transmission: Sendable {
         }
         state = .draining(reason)
         return TransmissionActions(.stopReading)
+    }
+
+    /// Closes the socket at once, even while `shutdownAndClose` waits for queued replies to leave
+    /// (closing an already closing socket is harmless).
+    private mutating func cutOff() -> TransmissionActions {
+        if state == .closing { return TransmissionActions(.close) }
+        return closeNow()
     }
 
     /// Closes the socket at once. A payload still arriving is dropped with its request.

@@ -239,7 +239,7 @@ struct TransmissionTests {
         #expect(Array(r.machine.peerClosed()) == [.close, .release(slot: 1)])
         #expect(r.machine.state == .closing)
         #expect(r.machine.requestReleased(bytes: 100).isEmpty)
-        #expect(r.machine.peerClosed().isEmpty && r.machine.writeFailed().isEmpty && r.machine.forceClose().isEmpty)
+        #expect(r.machine.peerClosed().isEmpty && r.machine.writeFailed().isEmpty && r.machine.shutdown().isEmpty)
         #expect(r.machine.socketClosed().isEmpty, "the driver still holds the read's buffer")
         #expect(r.machine.state == .closed)
         #expect(Array(r.machine.requestCompleted(slot: 0)) == [.release(slot: 0)], "no reply on a closed socket")
@@ -279,9 +279,10 @@ struct TransmissionTests {
         #expect(Array(r.machine.shutdown()) == [.stopReading, .shutdownAndClose])
         #expect(r.machine.writeFailed().isEmpty, "a failed write during shutdownAndClose needs nothing more")
         #expect(Array(r.machine.sendStalled()) == [.close], "but a stall closes the socket for good")
+        #expect(Array(r.machine.forceClose()) == [.close], "and so does the server's shutdown deadline")
         #expect(r.machine.state == .closing)
         #expect(Array(r.machine.socketClosed()) == [.finish])
-        #expect(r.machine.sendStalled().isEmpty && r.machine.socketClosed().isEmpty)
+        #expect(r.machine.sendStalled().isEmpty && r.machine.forceClose().isEmpty && r.machine.socketClosed().isEmpty)
         #expect(r.machine.shutdown().isEmpty && r.machine.budgetAvailable().isEmpty)
     }
 
