@@ -12,7 +12,9 @@
 // back-pressure depends on it.
 //
 // Negotiation itself is the Handshake machine's; this machine only knows that it is under way, so that
-// a timeout, a shutdown or an ABORT during it end the connection the same way as later ones do.
+// a timeout, a shutdown or an ABORT during it end the connection the same way as later ones do. A
+// STARTTLS stays inside `negotiating`: the connection swaps its plaintext stream for a TLS one with the
+// same surface and drops whatever plaintext it had staged; nothing here depends on which stream it is.
 
 /// Per-connection bounds on what may be in flight before reading pauses.
 public struct TransmissionLimits: Sendable, Equatable {
