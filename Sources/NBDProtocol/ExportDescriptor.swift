@@ -28,8 +28,8 @@ public struct ExportDescriptor: Sendable, Equatable {
         self.metaContexts = metaContexts
     }
 
-    /// The context id a meta context gets on the wire: its position in `metaContexts`, plus one so that
-    /// no id is 0 (LIST_META_CONTEXT answers carry the same ids).
+    /// The context id SET_META_CONTEXT gives a meta context: its position in `metaContexts`, plus one so
+    /// that no id is 0, the id LIST_META_CONTEXT answers carry.
     public func metaContextID(of name: String) -> UInt32? {
         metaContexts.firstIndex(of: name).map { UInt32($0 + 1) }
     }

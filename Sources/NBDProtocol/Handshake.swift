@@ -321,7 +321,9 @@ public struct Handshake: Sendable {
         var out: [UInt8] = []
         for context in matches {
             var w = WireWriter()
-            w.u32(export.metaContextID(of: context)!)
+            // LIST: "The metadata context ID in these replies is reserved and SHOULD be set to zero;
+            // clients MUST disregard it." Only SET hands out ids the transmission phase uses.
+            w.u32(option == .listMetaContext ? 0 : export.metaContextID(of: context)!)
             w.raw(context.utf8)
             out += Self.reply(.metaContext, option: raw, payload: w.bytes)
         }

@@ -19,7 +19,8 @@ public struct RequestValidator: Sendable {
     public let session: NegotiatedSession
     /// Largest READ or WRITE served, matching the advertised maximum block size.
     public let maximumPayload: UInt64
-    /// A WRITE payload beyond this closes the connection instead of being drained.
+    /// A compact WRITE payload beyond this closes the connection instead of being drained (with extended
+    /// headers, any PAYLOAD_LEN beyond `maximumPayload` does).
     public let drainLimit: UInt64
 
     public init(session: NegotiatedSession) {
@@ -31,11 +32,24 @@ public struct RequestValidator: Sendable {
     public func validate(_ request: Request) -> RequestVerdict {
         let export = session.export
         let flags = export.flags
-        // Only WRITE (and, with extended headers and PAYLOAD_LEN, BLOCK_STATUS) carries a payload.
+        // Which bytes follow the header. Compact headers: only WRITE's, `length` of them. Extended headers
+        // (proto.md, extension-ext-header): "the meaning of the *length* field depends on whether *flags*
+        // contains `NBD_CMD_FLAG_PAYLOAD_LEN` (that many additional bytes of payload are present), or if
+        // the flag is absent (there is no payload, and *length* instead is an effect length describing
+        // how much of the export the request operates on)". That holds for WRITE too: one without the
+        // flag is refused, but its length is not a payload to read.
         var payload: UInt64 = 0
-        if request.type == NBDCommand.write.rawValue {
-            payload = request.length
-        } else if session.extendedHeaders && request.flags.contains(.payloadLength) {
+        if session.extendedHeaders {
+            if request.flags.contains(.payloadLength) {
+                payload = request.length
+                // "A server SHOULD initiate hard disconnect if a client sets the
+                // `NBD_CMD_FLAG_PAYLOAD_LEN` flag and uses a *length* larger than a server's advertised or
+                // default maximum payload length"
+                if payload > maximumPayload {
+                    return .fatal(reason: "PAYLOAD_LEN of \(payload) bytes exceeds \(maximumPayload)")
+                }
+            }
+        } else if request.type == NBDCommand.write.rawValue {
             payload = request.length
         }
         if payload > drainLimit {
@@ -66,8 +80,8 @@ public struct RequestValidator: Sendable {
             return reject(.invalid, "flags 0x\(String(request.flags.rawValue, radix: 16)) not valid for \(command)")
         }
         if session.extendedHeaders && command == .write && !request.flags.contains(.payloadLength) {
-            // The spec makes PAYLOAD_LEN mandatory on extended WRITE; without it the length still tells
-            // us how much to read, so answer EINVAL and stay in sync.
+            // "The command `NBD_CMD_WRITE` MUST use the flag `NBD_CMD_FLAG_PAYLOAD_LEN` in this mode";
+            // without it nothing follows the header (see above), so EINVAL keeps the stream in sync.
             return reject(.invalid, "extended WRITE without PAYLOAD_LEN")
         }
         if payload > 0 && command != .write {

@@ -1,23 +1,28 @@
 // One client connection: the glue between a socket, the pure protocol machines and the shared driver.
 //
-// Receive path. libuv asks `streamWantsReadBuffer` before every read, and the answer depends on what
-// the protocol expects next: request headers (and handshake messages) land in a staging buffer, while
-// the payload of a WRITE lands directly in the pooled buffer the driver will write from, so large writes
-// are copied once, by the kernel. Parsing runs as long as whole headers are staged, so pipelined
-// requests are dispatched in one loop turn.
+// Life. The Handshake machine negotiates; from its end on, the Transmission machine (NBDProtocol) decides
+// everything about the connection's life: where the next socket bytes go, when reading pauses and
+// resumes, when it drains and closes, and when it can be forgotten. This class feeds it events and
+// executes its actions; it keeps buffers, handles, the request slab and nothing else about the life.
+//
+// Receive path. libuv asks `streamWantsReadBuffer` before every read, and the answer follows the
+// machine's state: request headers (and handshake messages) land in a staging buffer, while the payload
+// of a WRITE lands directly in the pooled buffer the driver will write from, so large writes are copied
+// once, by the kernel. Parsing runs as long as whole headers are staged, so pipelined requests are
+// dispatched in one loop turn.
 //
 // Requests live in a slab; a slot's index is the tag the driver returns, and replies go out in
 // completion order. A slot stays busy until its reply has left the socket, which gives back-pressure
-// for free: when too many requests or bytes are in flight (including replies a slow reader has not
-// drained), reading stops until the backlog falls below half the bound.
+// for free: the machine pauses reading when too many requests or bytes are in flight (including replies
+// a slow reader has not drained), or when the memory budget all connections share is spent.
 //
 // Back-pressure alone would let a client that sends requests and never reads the replies hold its
 // buffers forever, so one timer per connection watches the socket while replies are queued: when the
 // kernel has taken no byte of them for the send timeout, the connection is cut off.
 //
-// Ending. DISC, shutdown or a peer close stop reading; the connection closes once nothing is in flight,
-// and its memory is released only after the driver has completed everything it was given, because the
-// driver may still be writing into our buffers.
+// The socket is used only through SocketStream's public surface (reads into a buffer the delegate
+// hands out, vectored writes with a context, coalescing, shutdown and close), so a TLS stream with the
+// same surface can take its place.
 
 import BlockDevice
 import NBDProtocol
@@ -27,24 +32,6 @@ import Glibc
 #endif
 
 final class Connection {
-    enum Phase {
-        /// Negotiating options; the handshake machine is in `handshake`.
-        case handshaking
-        /// Serving requests.
-        case transmitting
-        /// The socket is closing or closed; in-flight driver work is being waited out.
-        case closed
-    }
-
-    /// Where the next bytes from the socket go.
-    private enum ReceiveTarget {
-        case staging
-        /// Straight into the payload buffer of the WRITE in this slot.
-        case payload(slot: Int)
-        /// Bytes of a rejected request's payload still to drop before its error reply.
-        case discard(remaining: Int, slot: Int)
-    }
-
     let id: Int
     let stream: SocketStream
     private unowned let server: Server
@@ -62,34 +49,26 @@ final class Connection {
     // properties cost about 80 instructions each, some 20 per 4k read (a third of the server's
     // user-space instructions per request under callgrind), and this loop-confined class never
     // modifies one of these while another access to it is open.
-    @exclusivity(unchecked) private(set) var phase: Phase = .handshaking
+    @exclusivity(unchecked) private var machine: Transmission
+    /// Negotiates until transmission starts; nil afterwards.
     private var handshake: Handshake?
     /// The handshake deadline, then the send-stall watch (see `watchSendProgress`).
     private var timer: LoopTimer?
     private var bytesWrittenAtLastCheck: UInt64 = 0
     private var checksWithoutProgress = 0
-    @exclusivity(unchecked) private var validator: RequestValidator?
     @exclusivity(unchecked) private var encoder = ReplyEncoder(style: .simple)
     @exclusivity(unchecked) private var headerSize = 28
     @exclusivity(unchecked) private var extendedHeaders = false
-    @exclusivity(unchecked) private var session: NegotiatedSession?
 
     private let staging: UnsafeMutableRawBufferPointer
     @exclusivity(unchecked) private var stagingStart = 0
     @exclusivity(unchecked) private var stagingEnd = 0
-    @exclusivity(unchecked) private var target: ReceiveTarget = .staging
 
     @exclusivity(unchecked) private var slab = RequestSlab()
-    @exclusivity(unchecked) private var inFlightBytes = 0
-    @exclusivity(unchecked) private var readingPaused = false
-    @exclusivity(unchecked) private var reading = false
-    @exclusivity(unchecked) private var disconnectRequested = false
-    @exclusivity(unchecked) private var streamClosed = false
     /// Handshake replies waiting for their socket write, keyed by write context.
     private var handshakeWrites: [UInt64: UnsafeMutableRawBufferPointer] = [:]
     private var nextHandshakeWrite: UInt64 = 0
     private static let handshakeContextBit: UInt64 = 1 << 63
-    private var closeAfterWrites = false
 
     init(id: Int, stream: SocketStream, server: Server, exports: ExportTable, pool: BufferPool, log: Logger,
          limits: ConnectionLimits, budget: MemoryBudget, loop: EventLoop) {
@@ -103,6 +82,8 @@ final class Connection {
         self.budget = budget
         self.staging = .allocate(byteCount: Self.stagingSize, alignment: 16)
         self.handshake = exports.handshake(forPeer: stream.peerDescription)
+        self.machine = Transmission(limits: TransmissionLimits(maximumRequests: limits.maximumRequests,
+                                                               maximumBytes: limits.maximumInFlightBytes))
         let timer = LoopTimer(loop: loop)
         self.timer = timer
         stream.delegate = self
@@ -111,9 +92,11 @@ final class Connection {
         stream.coalesceWrites()
         stream.enlargeUnixSendBuffer(toAtLeast: Self.sendBufferSize)
         timer.start(afterMilliseconds: limits.handshakeTimeoutMilliseconds) { [unowned self] in
-            guard self.phase == .handshaking else { return }
-            self.log.info("connection \(self.id) from \(self.stream.peerDescription): handshake timed out")
-            self.close()
+            let actions = self.machine.handshakeTimedOut()
+            if !actions.isEmpty {
+                self.log.info("connection \(self.id) from \(self.stream.peerDescription): handshake timed out")
+            }
+            self.perform(actions)
         }
     }
 
@@ -133,36 +116,87 @@ final class Connection {
 
     func start() {
         sendHandshakeBytes(Handshake.greeting)
-        startReading()
+        stream.startReading()
     }
 
     /// Server shutdown: finish what was asked, answer it, then close.
     func beginShutdown() {
-        switch phase {
-        case .handshaking: close()
-        case .transmitting:
-            disconnectRequested = true
-            stopReading()
-            closeIfIdle()
-        case .closed: break
+        perform(machine.shutdown())
+    }
+
+    /// Closes at once, whatever is in flight (the server's shutdown deadline).
+    func close() {
+        perform(machine.forceClose())
+    }
+
+    /// The shared budget has room again.
+    func budgetAvailable() {
+        perform(machine.budgetAvailable())
+    }
+
+    // MARK: - Actions
+
+    /// Executes actions in order; `header` is the request just parsed, for `accept` and `reject`.
+    private func perform(_ actions: TransmissionActions, header: Request? = nil) {
+        for action in actions { perform(action, header: header) }
+    }
+
+    private func perform(_ action: TransmissionAction, header: Request? = nil) {
+        switch action {
+        case .accept(let i, let command, let payload):
+            let taken = slab.allocate()
+            precondition(taken == i, "slot \(taken) taken where \(i) was announced")
+            stagingStart += headerSize
+            slab[i].request = header!
+            slab[i].command = command
+            if payload > 0 {
+                slab[i].buffer = pool.take(count: payload)
+                budget.take(payload)
+            }
+        case .execute(let i):
+            execute(slot: i)
+        case .reject(let i, let error):
+            let reason = machine.rejectionReason
+            let taken = slab.allocate()
+            precondition(taken == i, "slot \(taken) taken where \(i) was announced")
+            slab[i].request = header!
+            stagingStart += headerSize
+            log.debug("connection \(id): request rejected (\(error)): \(reason)")
+            // The reply is built now, while the reason is at hand, and sent once any payload is drained.
+            slab[i].rejectionLength = encodeCompletion(slot: i, error: error, message: reason)
+        case .sendRejection(let i):
+            sendRejection(slot: i)
+        case .sendReply:
+            preconditionFailure("replies are sent by completed(slot:outcome:), which has the outcome")
+        case .release(let i):
+            release(slot: i)
+        case .stopReading:
+            stream.stopReading()
+        case .waitForBudget:
+            stream.stopReading()
+            budget.wait(self)
+        case .resumeReading:
+            stream.startReading()
+            processInput()
+        case .shutdownAndClose:
+            stream.shutdownAndClose()
+        case .close:
+            closeTimer()
+            stream.stopReading()
+            stream.close()
+        case .finish:
+            server.connectionDidFinish(self)
         }
     }
 
     // MARK: - Receiving
 
-    private func startReading() {
-        guard !reading, phase != .closed else { return }
-        reading = true
-        stream.startReading()
-    }
-
-    private func stopReading() {
-        guard reading else { return }
-        reading = false
-        stream.stopReading()
-    }
-
     private var stagedCount: Int { stagingEnd - stagingStart }
+
+    /// The staged request header (only valid while one is staged).
+    private var currentHeader: UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(rebasing: staging[stagingStart..<stagingStart + headerSize])
+    }
 
     /// Moves staged bytes to the front when the tail is too short for the next message.
     private func compactStaging() {
@@ -178,9 +212,9 @@ final class Connection {
     }
 
     fileprivate func readBuffer() -> UnsafeMutableRawBufferPointer {
-        if case .payload(let i) = target, let buffer = slab[i].buffer {
-            let received = slab[i].received
-            return UnsafeMutableRawBufferPointer(rebasing: buffer.bytes[received...])
+        if case .receivingPayload(let i, let remaining) = machine.state {
+            let bytes = slab[i].buffer!.bytes
+            return UnsafeMutableRawBufferPointer(rebasing: bytes[(bytes.count - remaining)...])
         }
         compactStaging()
         precondition(stagingEnd < Self.stagingSize, "staging buffer full while reading")
@@ -188,37 +222,52 @@ final class Connection {
     }
 
     fileprivate func didRead(_ count: Int) {
-        if case .payload(let i) = target {
-            slab[i].received += count
-            if slab[i].received == slab[i].buffer!.bytes.count {
-                target = .staging
-                execute(slot: i)
-            }
+        if case .receivingPayload = machine.state {
+            perform(machine.receivedPayload(count))
         } else {
             stagingEnd += count
         }
         processInput()
     }
 
-    /// Consumes staged bytes until a message is incomplete or input is paused.
+    /// Consumes staged bytes until a message is incomplete or the machine stops taking input.
     private func processInput() {
-        while phase != .closed {
-            if case .discard(let remaining, let slot) = target {
-                let n = min(remaining, stagedCount)
-                stagingStart += n
-                if n < remaining {
-                    target = .discard(remaining: remaining - n, slot: slot)
-                    break
+        loop: while true {
+            switch machine.state {
+            case .negotiating:
+                guard handshakeStep() else { break loop }
+            case .awaitingHeader:
+                guard stagedCount >= headerSize else { break loop }
+                guard let request = Request.parse(currentHeader, extended: extendedHeaders) else {
+                    log.info("connection \(id) from \(stream.peerDescription): bad request magic, closing")
+                    perform(machine.receivedMalformedHeader())
+                    break loop
                 }
-                target = .staging
-                sendRejection(slot: slot)
-                continue
-            }
-            guard case .staging = target else { break }
-            if phase == .handshaking {
-                guard handshakeStep() else { break }
-            } else {
-                guard requestStep() else { break }
+                let actions = machine.receivedHeader(request, slot: slab.nextSlot, memory: budget.snapshot)
+                if let reason = machine.endReason {
+                    if actions.contains(.close) {
+                        log.info("connection \(id) from \(stream.peerDescription): \(reason), closing")
+                    } else {
+                        log.debug("connection \(id): \(reason)")
+                    }
+                }
+                perform(actions, header: request)
+            case .receivingPayload(let i, let remaining):
+                // Payload bytes that arrived with the header; the rest is read straight into the buffer.
+                let n = min(remaining, stagedCount)
+                guard n > 0 else { break loop }
+                let bytes = slab[i].buffer!.bytes
+                (bytes.baseAddress! + (bytes.count - remaining))
+                    .copyMemory(from: staging.baseAddress! + stagingStart, byteCount: n)
+                stagingStart += n
+                perform(machine.receivedPayload(n))
+            case .discardingPayload(_, let remaining):
+                let n = min(remaining, stagedCount)
+                guard n > 0 else { break loop }
+                stagingStart += n
+                perform(machine.receivedPayload(n))
+            case .paused, .draining, .closing, .closed, .finished:
+                break loop
             }
         }
         compactStaging()
@@ -226,13 +275,13 @@ final class Connection {
 
     /// Feeds one handshake message if it is complete. Returns whether to keep going.
     private func handshakeStep() -> Bool {
-        guard var machine = handshake else { return false }
-        let need = machine.bytesNeeded
+        guard var negotiation = handshake else { return false }
+        let need = negotiation.bytesNeeded
         guard stagedCount >= need else { return false }
         let bytes = Array(UnsafeRawBufferPointer(rebasing: staging[stagingStart..<stagingStart + need]))
         stagingStart += need
-        let action = machine.receive(bytes)
-        handshake = machine
+        let action = negotiation.receive(bytes)
+        handshake = negotiation
         switch action {
         case .proceed(let reply):
             if !reply.isEmpty { sendHandshakeBytes(reply) }
@@ -244,14 +293,11 @@ final class Connection {
         case .abort(let reply):
             log.debug("connection \(id): client aborted the handshake")
             sendHandshakeBytes(reply)
-            closeAfterWrites = true
-            stopReading()
-            phase = .closed
-            if handshakeWrites.isEmpty { stream.close() }
+            perform(machine.handshakeAborted())
             return false
         case .close(let reason):
             log.info("connection \(id) from \(stream.peerDescription): \(reason)")
-            close()
+            perform(machine.handshakeFailed())
             return false
         }
     }
@@ -261,100 +307,22 @@ final class Connection {
         guard let chosen = exports.attach(session.export, connection: id) else {
             // A reload removed or changed the export, or other clients filled it, while this one negotiated.
             log.info("connection \(id): export \"\(session.export.name)\" is gone, changed or full, closing")
-            close()
+            perform(machine.handshakeFailed())
             return
         }
         export = chosen
         log = log.labelled("export \"\(chosen.name)\"")
-        watchSendProgress()
-        self.session = session
-        validator = RequestValidator(session: session)
         encoder = ReplyEncoder(style: ReplyStyle(session: session))
         extendedHeaders = session.extendedHeaders
         headerSize = Request.headerSize(extended: session.extendedHeaders)
-        phase = .transmitting
+        perform(machine.handshakeFinished(session))
+        watchSendProgress()
         log.debug("connection \(id): transmission (\(encoder.style), contexts \(session.metaContexts.map(\.name)))")
-    }
-
-    /// Parses and dispatches one request if its header is staged. Returns whether to keep going.
-    private func requestStep() -> Bool {
-        guard !disconnectRequested else { return false }
-        if slab.active >= limits.maximumRequests || inFlightBytes >= limits.maximumInFlightBytes {
-            readingPaused = true
-            stopReading()
-            return false
-        }
-        guard stagedCount >= headerSize, let validator else { return false }
-        let header = UnsafeRawBufferPointer(rebasing: staging[stagingStart..<stagingStart + headerSize])
-        guard let request = Request.parse(header, extended: extendedHeaders) else {
-            log.info("connection \(id) from \(stream.peerDescription): bad request magic, closing")
-            close()
-            return false
-        }
-        // The shared budget is checked with the request's real cost, so all connections together
-        // never hold more than the budget (one request may exceed it when nothing else is held).
-        let cost = request.type == NBDCommand.read.rawValue || request.type == NBDCommand.write.rawValue
-            ? Int(min(request.length, UInt64(Export.maximumPayload))) : 0
-        if cost > 0 && budget.used > 0 && budget.used + cost > budget.limit {
-            budget.wait(self)
-            readingPaused = true
-            stopReading()
-            return false
-        }
-        stagingStart += headerSize
-        switch validator.validate(request) {
-        case .execute(let command, let payload):
-            let i = slab.allocate()
-            slab[i].request = request
-            slab[i].command = command
-            if command == .write && payload > 0 {
-                let buffer = pool.take(count: payload)
-                slab[i].buffer = buffer
-                inFlightBytes += payload
-                budget.take(payload)
-                let n = min(payload, stagedCount)
-                if n > 0 {
-                    buffer.bytes.baseAddress!.copyMemory(from: staging.baseAddress! + stagingStart, byteCount: n)
-                    stagingStart += n
-                }
-                slab[i].received = n
-                if n < payload {
-                    slab[i].stage = .receivingPayload
-                    target = .payload(slot: i)
-                    return false
-                }
-            }
-            execute(slot: i)
-            return true
-        case .reject(let code, let payload, let reason):
-            log.debug("connection \(id): request rejected (\(code)): \(reason)")
-            let i = slab.allocate()
-            slab[i].request = request
-            slab[i].stage = .executing
-            prepareRejection(slot: i, code: code, reason: reason)
-            if payload > 0 {
-                target = .discard(remaining: payload, slot: i)
-            } else {
-                sendRejection(slot: i)
-            }
-            return true
-        case .disconnect:
-            log.debug("connection \(id): client sent DISC")
-            disconnectRequested = true
-            stopReading()
-            closeIfIdle()
-            return false
-        case .fatal(let reason):
-            log.info("connection \(id) from \(stream.peerDescription): \(reason), closing")
-            close()
-            return false
-        }
     }
 
     // MARK: - Executing
 
     private func execute(slot i: Int) {
-        slab[i].stage = .executing
         let r = slab[i].request
         let device = export!.device
         let tag = UInt64(i)
@@ -363,7 +331,6 @@ final class Connection {
             if r.length == 0 { return reply(slot: i, error: .ok) }
             let buffer = pool.take(count: Int(r.length))
             slab[i].buffer = buffer
-            inFlightBytes += Int(r.length)
             budget.take(Int(r.length))
             device.read(offset: r.offset, into: buffer.bytes, tag: tag, handler: self)
         case .write:
@@ -389,20 +356,22 @@ final class Connection {
     }
 
     fileprivate func completed(slot i: Int, outcome: BlockOutcome) {
-        if phase == .closed {
-            release(slot: i)
-            return
-        }
-        switch outcome {
-        case .failed(let error):
-            if log.enabled(.debug) { log.debug("connection \(id): \(slab[i].command) failed: \(error)") }
-            reply(slot: i, error: NBDErrorCode(errno: error.errno), message: error.description)
-        case .done:
-            reply(slot: i, error: .ok)
-        case .read(let zeroRanges):
-            replyRead(slot: i, zeroRanges: zeroRanges)
-        case .extents(let extents):
-            replyBlockStatus(slot: i, extents: extents)
+        for action in machine.requestCompleted(slot: i) {
+            guard case .sendReply = action else {
+                perform(action)
+                continue
+            }
+            switch outcome {
+            case .failed(let error):
+                if log.enabled(.debug) { log.debug("connection \(id): \(slab[i].command) failed: \(error)") }
+                reply(slot: i, error: NBDErrorCode(errno: error.errno), message: error.description)
+            case .done:
+                reply(slot: i, error: .ok)
+            case .read(let zeroRanges):
+                replyRead(slot: i, zeroRanges: zeroRanges)
+            case .extents(let extents):
+                replyBlockStatus(slot: i, extents: extents)
+            }
         }
     }
 
@@ -411,11 +380,6 @@ final class Connection {
     private func reply(slot i: Int, error: NBDErrorCode, message: String = "") {
         let n = encodeCompletion(slot: i, error: error, message: message)
         send(slot: i, UnsafeRawBufferPointer(start: slab[i].overflow?.baseAddress ?? slab[i].headers.baseAddress!, count: n))
-    }
-
-    private func prepareRejection(slot i: Int, code: NBDErrorCode, reason: String) {
-        // The reply is built now, while the reason is at hand, and sent once any payload is drained.
-        slab[i].received = encodeCompletion(slot: i, error: code, message: reason)
     }
 
     /// Writes a data-less reply (success, or an error with its message) into the slot's scratch.
@@ -431,7 +395,7 @@ final class Connection {
 
     private func sendRejection(slot i: Int) {
         let base = slab[i].overflow?.baseAddress ?? slab[i].headers.baseAddress!
-        send(slot: i, UnsafeRawBufferPointer(start: base, count: slab[i].received))
+        send(slot: i, UnsafeRawBufferPointer(start: base, count: slab[i].rejectionLength))
     }
 
     /// Memory for a reply of `size` bytes that lives until the slot is released.
@@ -487,7 +451,7 @@ final class Connection {
 
     private func replyBlockStatus(slot i: Int, extents: [Extent]) {
         let r = slab[i].request
-        let contexts = session!.metaContexts
+        let contexts = machine.session!.metaContexts
         var chunks: [(id: UInt32, extents: [(length: UInt64, flags: UInt32)])] = []
         for context in contexts {
             let depth = context.name == MetaContextName.allocationDepth
@@ -536,14 +500,14 @@ final class Connection {
     }
 
     private func sent(slot i: Int, _ outcome: WriteOutcome) {
-        slab[i].stage = .replying
         switch outcome {
         case .completed: release(slot: i)
         case .pending: break
         case .failed(let error):
-            log.info("connection \(id): write failed: \(error)")
             release(slot: i)
-            close()
+            let actions = machine.writeFailed()
+            if !actions.isEmpty { log.info("connection \(id): write failed: \(error)") }
+            perform(actions)
         }
     }
 
@@ -559,36 +523,32 @@ final class Connection {
         case .pending: handshakeWrites[context] = copy
         case .failed:
             copy.deallocate()
-            close()
+            perform(machine.writeFailed())
         }
     }
 
     fileprivate func writeFinished(context: UInt64, error: UVError?) {
         if context & Self.handshakeContextBit != 0 {
             handshakeWrites.removeValue(forKey: context)?.deallocate()
-            if closeAfterWrites && handshakeWrites.isEmpty { stream.close() }
         } else {
             release(slot: Int(context))
         }
-        if let error, phase != .closed {
-            log.info("connection \(id): write failed: \(error)")
-            close()
+        if let error {
+            let actions = machine.writeFailed()
+            if !actions.isEmpty { log.info("connection \(id): write failed: \(error)") }
+            perform(actions)
         }
     }
 
+    /// Frees a slot and tells the machine, which may resume reading, end a drain or finish.
     private func release(slot i: Int) {
-        if let b = slab[i].buffer {
-            inFlightBytes -= b.bytes.count
-            budget.give(b.bytes.count)
-        }
+        let bytes = slab[i].buffer?.bytes.count ?? 0
         slab.release(i, pool: pool)
-        if readingPaused && phase == .transmitting && !disconnectRequested
-            && slab.active <= limits.maximumRequests / 2 && inFlightBytes <= limits.maximumInFlightBytes / 2 {
-            readingPaused = false
-            startReading()
-            processInput()
-        }
-        closeIfIdle()
+        let actions = machine.requestReleased(bytes: bytes)
+        // Giving budget back may resume other connections (or this one, through budgetAvailable); the
+        // machine has already counted the release, so it sees the same numbers either way.
+        if bytes > 0 { budget.give(bytes) }
+        perform(actions)
     }
 
     // MARK: - Send stalls
@@ -602,11 +562,7 @@ final class Connection {
     private func watchSendProgress() {
         guard let timer else { return }
         let timeout = limits.sendTimeoutMilliseconds
-        guard timeout > 0 else {
-            timer.close()
-            self.timer = nil
-            return
-        }
+        guard timeout > 0 else { return closeTimer() }
         let period = max(timeout / UInt64(Self.checksPerSendTimeout), 1)
         bytesWrittenAtLastCheck = stream.bytesWritten
         checksWithoutProgress = 0
@@ -616,7 +572,6 @@ final class Connection {
     }
 
     private func checkSendProgress() {
-        guard !streamClosed else { return }
         let written = stream.bytesWritten
         let queued = stream.pendingWriteBytes
         if queued == 0 || written != bytesWrittenAtLastCheck {
@@ -626,56 +581,25 @@ final class Connection {
         }
         checksWithoutProgress += 1
         guard checksWithoutProgress > Self.checksPerSendTimeout else { return }
-        log.info("connection \(id) from \(stream.peerDescription): the client read none of \(queued) queued reply "
-                 + "bytes for \(limits.sendTimeoutMilliseconds) ms, closing")
-        close()
-        // After DISC or shutdown the phase is already closed while the replies drain; cut that off too.
-        stream.close()
+        let actions = machine.sendStalled()
+        if !actions.isEmpty {
+            log.info("connection \(id) from \(stream.peerDescription): the client read none of \(queued) queued "
+                     + "reply bytes for \(limits.sendTimeoutMilliseconds) ms, closing")
+        }
+        perform(actions)
+    }
+
+    private func closeTimer() {
+        timer?.close()
+        timer = nil
     }
 
     // MARK: - Closing
 
-    private func closeIfIdle() {
-        if disconnectRequested && phase == .transmitting && slab.active == 0 {
-            phase = .closed
-            stream.shutdownAndClose()
-        } else if phase == .closed && streamClosed && slab.active == 0 {
-            server.connectionDidFinish(self)
-        }
-    }
-
-    func close() {
-        guard phase != .closed else { return }
-        phase = .closed
-        timer?.close()
-        timer = nil
-        stopReading()
-        stream.close()
-    }
-
-    /// The shared budget has room again: resume if nothing local holds the connection back.
-    func budgetAvailable() {
-        guard readingPaused, phase == .transmitting, !disconnectRequested,
-              slab.active <= limits.maximumRequests / 2, inFlightBytes <= limits.maximumInFlightBytes / 2 else { return }
-        readingPaused = false
-        startReading()
-        processInput()
-    }
-
     fileprivate func didClose() {
         budget.forget(self)
-        streamClosed = true
-        phase = .closed
-        timer?.close()
-        timer = nil
-        // Slots still receiving a payload never reached the driver; driver-owned ones finish later, and
-        // libuv has already cancelled queued replies through their write callbacks.
-        for i in slab.slots.indices where slab[i].stage == .receivingPayload {
-            release(slot: i)
-        }
-        if case .discard(_, let slot) = target { release(slot: slot) }
-        target = .staging
-        closeIfIdle()
+        closeTimer()
+        perform(machine.socketClosed())
     }
 }
 
@@ -690,7 +614,7 @@ extension Connection: SocketStreamDelegate {
     func stream(_ stream: SocketStream, didFailReadingWith error: UVError) {
         if error != .eof { log.info("connection \(id) from \(stream.peerDescription): read failed: \(error)") }
         else { log.debug("connection \(id): client closed the connection") }
-        close()
+        perform(machine.peerClosed())
     }
 
     func stream(_ stream: SocketStream, didFinishWrite context: UInt64, error: UVError?) {

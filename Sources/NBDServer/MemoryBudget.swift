@@ -5,10 +5,16 @@
 // connections. When the budget is spent, connections stop reading new requests and queue here; as
 // buffers are released and use falls below half the budget, they resume in arrival order.
 
+import NBDProtocol
+
 final class MemoryBudget {
     let limit: Int
-    private(set) var used = 0
-    private var waiting: [Connection] = []
+    // Loop-confined and touched on every READ and WRITE: unchecked exclusivity, as in Connection.
+    @exclusivity(unchecked) private(set) var used = 0
+    @exclusivity(unchecked) private var waiting: [Connection] = []
+
+    /// The state the Transmission machine checks a request's cost against.
+    var snapshot: SharedMemory { SharedMemory(used: used, limit: limit) }
 
     init(limit: Int) { self.limit = limit }
 

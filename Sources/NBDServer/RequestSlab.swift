@@ -5,26 +5,14 @@
 import NBDProtocol
 import UVCore
 
+// Where a request is in its life is the Transmission machine's business, not the slot's.
 struct RequestSlot {
-    /// Where the request is in its life.
-    enum Stage {
-        /// Unused, on the free list.
-        case free
-        /// A WRITE whose payload is still arriving.
-        case receivingPayload
-        /// Handed to the driver; waiting for its completion.
-        case executing
-        /// The reply is queued in the socket; waiting for the write to finish.
-        case replying
-    }
-
-    var stage: Stage = .free
     var request = Request(flags: [], type: 0, cookie: 0, offset: 0, length: 0)
     var command: NBDCommand = .read
     /// Data buffer for READ and WRITE.
     var buffer: PooledBuffer?
-    /// Payload bytes received so far (WRITE).
-    var received = 0
+    /// Length of the error reply built for a rejected request, sent once its payload is dropped.
+    var rejectionLength = 0
     /// Fixed scratch for reply headers; lives as long as the slot.
     let headers: UnsafeMutableRawBufferPointer
     /// Extra reply memory for the rare replies that do not fit `headers` (long block status, messages).
@@ -42,6 +30,9 @@ struct RequestSlab {
     private var free: [Int] = []
     private(set) var active = 0
 
+    /// The slot the next `allocate` returns.
+    var nextSlot: Int { free.last ?? slots.count }
+
     mutating func allocate() -> Int {
         active += 1
         if let i = free.popLast() { return i }
@@ -54,8 +45,7 @@ struct RequestSlab {
         slots[i].buffer = nil
         if let o = slots[i].overflow { o.deallocate() }
         slots[i].overflow = nil
-        slots[i].stage = .free
-        slots[i].received = 0
+        slots[i].rejectionLength = 0
         free.append(i)
         active -= 1
     }

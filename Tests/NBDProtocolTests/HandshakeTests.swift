@@ -522,12 +522,13 @@ struct HandshakeMetaContextTests {
     @Test func listWithoutQueriesListsEverything() {
         var c = Client()
         _ = c.send(.structuredReply)
-        let expected = hex("0003e889045565a9 00000009 00000004 00000013 00000001") + utf8("base:allocation")
-            + hex("0003e889045565a9 00000009 00000004 00000019 00000002") + utf8("qemu:allocation-depth")
+        // "The metadata context ID in these replies is reserved and SHOULD be set to zero" (proto.md).
+        let expected = hex("0003e889045565a9 00000009 00000004 00000013 00000000") + utf8("base:allocation")
+            + hex("0003e889045565a9 00000009 00000004 00000019 00000000") + utf8("qemu:allocation-depth")
             + hex("0003e889045565a9 00000009 00000001 00000000")
         #expect(c.send(.listMetaContext, metaPayload("disk", [])) == .proceed(reply: expected))
         #expect(c.send(.listMetaContext, metaPayload("other", []))
-                    == .proceed(reply: metaContextReply(.listMetaContext, id: 1, Fixture.base) + rep(.listMetaContext, .ack)))
+                    == .proceed(reply: metaContextReply(.listMetaContext, id: 0, Fixture.base) + rep(.listMetaContext, .ack)))
     }
 
     @Test("LIST queries: exact names and namespace wildcards", arguments: [
@@ -548,8 +549,7 @@ struct HandshakeMetaContextTests {
     func listQueries(queries: [String], expected: [String]) {
         var c = Client()
         _ = c.send(.structuredReply)
-        let ids: [String: UInt32] = [Fixture.base: 1, Fixture.depth: 2]
-        let want = expected.flatMap { metaContextReply(.listMetaContext, id: ids[$0]!, $0) } + rep(.listMetaContext, .ack)
+        let want = expected.flatMap { metaContextReply(.listMetaContext, id: 0, $0) } + rep(.listMetaContext, .ack)
         #expect(c.send(.listMetaContext, metaPayload("disk", queries)) == .proceed(reply: want))
     }
 
@@ -588,7 +588,7 @@ struct HandshakeMetaContextTests {
         #expect(Self.go(&c)?.metaContexts.isEmpty == true)
     }
 
-    @Test func idsAreStableAndEqualBetweenListAndSet() {
+    @Test func listIdsAreZeroAndSetIdsAreStable() {
         var c = Client()
         _ = c.send(.structuredReply)
         func ids(_ action: HandshakeAction) -> [String: UInt32] {
@@ -602,11 +602,11 @@ struct HandshakeMetaContextTests {
         let setBoth = ids(c.send(.setMetaContext, metaPayload("disk", [Fixture.depth, Fixture.base])))
         let setOne = ids(c.send(.setMetaContext, metaPayload("disk", [Fixture.depth])))
         let listedAgain = ids(c.send(.listMetaContext, metaPayload("disk", ["qemu:"])))
-        #expect(listed == [Fixture.base: 1, Fixture.depth: 2])
-        #expect(setBoth == listed)
+        // LIST ids are reserved and zero; SET hands out real ones, never 0, the same on every SET.
+        #expect(listed == [Fixture.base: 0, Fixture.depth: 0])
+        #expect(setBoth == [Fixture.base: 1, Fixture.depth: 2])
         #expect(setOne == [Fixture.depth: 2])
-        #expect(listedAgain == [Fixture.depth: 2])
-        #expect(!listed.values.contains(0))
+        #expect(listedAgain == [Fixture.depth: 0])
         #expect(Fixture.disk.metaContextID(of: Fixture.depth) == 2)
         #expect(Fixture.disk.metaContextID(of: "nope:") == nil)
     }

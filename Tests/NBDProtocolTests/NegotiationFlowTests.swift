@@ -68,7 +68,7 @@ struct Flow: Sendable, CustomTestStringConvertible {
             + hex("0003e889045565a9 00000003 00000002 00000009 00000005") + utf8("other")
             + hex("0003e889045565a9 00000003 00000001 00000000"))),
         FlowStep(.listMetaContext, metaPayload("disk", []), .proceed(reply:
-            metaContextReply(.listMetaContext, id: 1, base) + metaContextReply(.listMetaContext, id: 2, Fixture.depth)
+            metaContextReply(.listMetaContext, id: 0, base) + metaContextReply(.listMetaContext, id: 0, Fixture.depth)
             + rep(.listMetaContext, .ack))),
         FlowStep(.info, infoPayload("disk", [1, 2, 3]), .proceed(reply:
             hex("0003e889045565a9 00000006 00000003 0000000c 0000 0000000040000000 0ded")

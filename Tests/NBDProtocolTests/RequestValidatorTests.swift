@@ -93,7 +93,8 @@ struct RequestValidatorTests {
                     expected = .disconnect
                 } else {
                     var payload = 0
-                    if command == .write || (config.extended && flags.contains(.payloadLength)) { payload = Int(len) }
+                    // Compact: only WRITE carries a payload. Extended: exactly the requests with PAYLOAD_LEN.
+                    if config.extended ? flags.contains(.payloadLength) : command == .write { payload = Int(len) }
                     var ok = Self.allowed[command]!
                     if !config.structured { ok.remove(.dontFragment) }
                     if !config.fastZero { ok.remove(.fastZero) }
@@ -275,7 +276,10 @@ struct RequestValidatorTests {
         #expect(V.check(s, .write, flags: .payloadLength, length: 4096) == .execute(.write, payload: 4096))
         #expect(V.check(s, .write, flags: [.payloadLength, .fua], length: 4096) == .execute(.write, payload: 4096))
         #expect(V.check(s, .write, flags: .payloadLength, length: 0) == .execute(.write, payload: 0))
-        #expect(V.check(s, .write, length: 4096) == .reject(.invalid, payload: 4096))
+        // Without it the length is an effect length and no payload follows (the next bytes are the next
+        // header): EINVAL, with nothing to drain.
+        #expect(V.check(s, .write, length: 4096) == .reject(.invalid, payload: 0))
+        #expect(V.check(s, .write, flags: .fua, length: 64 << 20) == .reject(.invalid, payload: 0))
         // Other commands with PAYLOAD_LEN: the payload is drained, then EINVAL.
         #expect(V.check(s, .read, flags: .payloadLength, length: 512) == .reject(.invalid, payload: 512))
         #expect(V.check(s, .blockStatus, flags: .payloadLength, length: 16) == .reject(.invalid, payload: 16))
@@ -284,7 +288,14 @@ struct RequestValidatorTests {
         // An absurd payload closes, whatever the command.
         #expect(V.check(s, .cache, flags: .payloadLength, length: (64 << 20) + 1) == .fatal)
         #expect(V.check(s, .write, flags: .payloadLength, length: .max) == .fatal)
-        #expect(V.check(s, .write, length: .max) == .fatal)
+        #expect(V.check(s, .write, length: .max) == .reject(.invalid, payload: 0))
+        // A PAYLOAD_LEN beyond the advertised maximum payload is a hard disconnect (the spec's SHOULD),
+        // not a drain; up to the maximum it is drained.
+        #expect(V.check(s, .write, flags: .payloadLength, length: (32 << 20) + 1) == .fatal)
+        #expect(V.check(s, .read, flags: .payloadLength, length: (32 << 20) + 1) == .fatal)
+        #expect(V.check(s, .read, flags: .payloadLength, length: 32 << 20) == .reject(.invalid, payload: 32 << 20))
+        #expect(V.check(V.session(extended: true, maximum: 1 << 20), .write, flags: .payloadLength,
+                        length: (1 << 20) + 1) == .fatal)
         // Without PAYLOAD_LEN the length is an effect length and may exceed 32 bits.
         #expect(V.check(s, .trim, offset: 0, length: 8 << 30) == .execute(.trim, payload: 0))
         #expect(V.check(s, .writeZeroes, offset: 4 << 30, length: 8 << 30) == .execute(.writeZeroes, payload: 0))
@@ -366,7 +377,9 @@ struct RequestValidatorTests {
             case .disconnect:
                 #expect(request.type == NBDCommand.disconnect.rawValue)
             case .fatal:
-                #expect(request.length > RequestValidator(session: s).drainLimit)
+                let v = RequestValidator(session: s)
+                let payloadLength = s.extendedHeaders && request.flags.contains(.payloadLength)
+                #expect(request.length > v.drainLimit || (payloadLength && request.length > v.maximumPayload))
             }
         }
     }

@@ -96,4 +96,93 @@ import Glibc
         #expect(good.reply { _ in 3 }?.data == [1, 2, 3])
         #expect(server.shutdown() == 0)
     }
+
+    @Test func discAfterPipelinedWritesAnswersThemAllThenCloses() throws {
+        let server = try RunningServer(image: "disc.img", limits: ConnectionLimits())
+        let client = try TestClient(path: server.socketPath)
+        #expect(client.handshake() != nil)
+        var burst: [UInt8] = []
+        for i in 0..<20 {
+            let r = Request(flags: [], type: NBDCommand.write.rawValue, cookie: UInt64(i), offset: UInt64(i) * 512, length: 512)
+            burst += r.encoded(extended: false) + [UInt8](repeating: UInt8(i + 1), count: 512)
+        }
+        burst += Request(flags: [], type: NBDCommand.disconnect.rawValue, cookie: 99, offset: 0, length: 0).encoded(extended: false)
+        client.send(burst)
+        var seen = Set<UInt64>()
+        for _ in 0..<20 {
+            let r = try #require(client.reply { _ in 0 })
+            #expect(r.error == 0)
+            seen.insert(r.cookie)
+        }
+        #expect(seen.count == 20)
+        #expect(client.receive(1) == nil, "DISC closes once the replies are out")
+        #expect(server.shutdown() == 0)
+        let file = try #require(FileManager.default.contents(atPath: server.imagePath))
+        #expect(file[19 * 512..<20 * 512].allSatisfy { $0 == 20 })
+    }
+
+    @Test func aClientThatClosesMidPayloadLeavesTheServerHealthy() throws {
+        let server = try RunningServer(image: "mid.img", limits: ConnectionLimits())
+        let quitter = try TestClient(path: server.socketPath)
+        #expect(quitter.handshake() != nil)
+        quitter.request(.write, cookie: 1, offset: 0, length: 1 << 20, payload: [UInt8](repeating: 7, count: 1000))
+        let good = try TestClient(path: server.socketPath)
+        #expect(good.handshake() != nil)
+        close(quitter.fd)
+        good.request(.write, cookie: 2, offset: 8192, length: 3, payload: [1, 2, 3])
+        #expect(good.reply { _ in 0 }?.error == 0)
+        good.request(.read, cookie: 3, offset: 0, length: 4)
+        #expect(good.reply { _ in 4 }?.data == [0, 0, 0, 0], "the half-sent write never reached the disk")
+        #expect(server.shutdown() == 0)
+    }
+
+    @Test func shutdownDoesNotWaitForAPayloadThatNeverComes() throws {
+        let server = try RunningServer(image: "half.img", limits: ConnectionLimits())
+        let client = try TestClient(path: server.socketPath)
+        #expect(client.handshake() != nil)
+        client.request(.read, cookie: 1, offset: 0, length: 512)
+        #expect(client.reply { _ in 512 }?.error == 0)
+        // A write whose payload stops half-way, on a connection that stays open.
+        client.request(.write, cookie: 2, offset: 0, length: 1 << 20, payload: [UInt8](repeating: 9, count: 4096))
+        Thread.sleep(forTimeInterval: 0.2)
+        let start = Date()
+        #expect(server.shutdown() == 0)
+        #expect(Date().timeIntervalSince(start) < 10, "the server's 30 s deadline must not be what ends it")
+        #expect(client.receive(1) == nil, "the connection is closed without a reply to the unfinished write")
+    }
+
+    @Test func connectionsPausedForTheSharedBudgetAllResume() throws {
+        // 64 KiB for every connection together: four 16 KiB reads fill it, so both clients keep pausing
+        // for the budget and must be resumed by each other's (and their own) released replies.
+        let server = try RunningServer(image: "budget.img", limits: ConnectionLimits(), memoryBudget: 64 << 10)
+        let a = try TestClient(path: server.socketPath)
+        let b = try TestClient(path: server.socketPath)
+        #expect(a.handshake() != nil)
+        #expect(b.handshake() != nil)
+        let count = 64
+        for i in 0..<count {
+            a.request(.read, cookie: UInt64(i), offset: UInt64(i) * 16384, length: 16384)
+            b.request(.read, cookie: UInt64(i), offset: UInt64(i) * 16384, length: 16384)
+        }
+        for client in [a, b] {
+            var seen = Set<UInt64>()
+            for _ in 0..<count {
+                let r = try #require(client.reply { _ in 16384 })
+                #expect(r.error == 0)
+                seen.insert(r.cookie)
+            }
+            #expect(seen.count == count)
+        }
+        #expect(server.shutdown() == 0)
+    }
+
+    @Test func shutdownDuringTheHandshakeClosesTheConnection() throws {
+        let server = try RunningServer(image: "hs.img", limits: ConnectionLimits())
+        let client = try TestClient(path: server.socketPath)
+        #expect(client.receive(18) != nil)
+        let start = Date()
+        #expect(server.shutdown() == 0)
+        #expect(Date().timeIntervalSince(start) < 10)
+        #expect(client.receive(1) == nil)
+    }
 }

@@ -19,7 +19,7 @@ final class RunningServer: @unchecked Sendable {
     private(set) var startError: String?
     private(set) var exitStatus: Int32 = -1
 
-    init(image: String, limits: ConnectionLimits, size: Int = 8 << 20) throws {
+    init(image: String, limits: ConnectionLimits, size: Int = 8 << 20, memoryBudget: Int? = nil) throws {
         let dir = NSTemporaryDirectory() + "qnbd-st-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         imagePath = dir + "/" + image
@@ -29,6 +29,7 @@ final class RunningServer: @unchecked Sendable {
         var configuration = ServerConfiguration(imagePath: imagePath)
         configuration.listen = [.unix(path: socketPath)]
         configuration.connectionLimits = limits
+        if let memoryBudget { configuration.memoryBudgetBytes = memoryBudget }
         configuration.logLevel = .error
         configuration.threadPoolSize = 4
         let settings = configuration

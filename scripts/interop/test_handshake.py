@@ -236,6 +236,8 @@ class OptionTests(HandshakeBase):
         self.assertEqual(c.structured_reply(), T.REP_ACK)
         got = self._meta(c, T.OPT_LIST_META_CONTEXT, ["base:allocation"])
         self.assertEqual([n for i, n in got], ["base:allocation"])
+        # proto.md: "The metadata context ID in these replies is reserved and SHOULD be set to zero"
+        self.assertEqual([i for i, n in got], [0])
         # raw files have no allocation depth: not offered, not an error
         self.assertEqual(self._meta(c, T.OPT_LIST_META_CONTEXT, ["qemu:allocation-depth"]), [])
         # unknown namespaces are ignored
@@ -244,7 +246,9 @@ class OptionTests(HandshakeBase):
                          ["x-nosuch:thing", "base:allocation", "qemu:allocation-depth"])
         self.assertEqual([n for i, n in got], ["base:allocation"])
         # zero queries = everything the export offers
-        names = [n for i, n in self._meta(c, T.OPT_LIST_META_CONTEXT, [])]
+        listed = self._meta(c, T.OPT_LIST_META_CONTEXT, [])
+        self.assertEqual({i for i, n in listed}, {0}, "LIST_META_CONTEXT ids must be 0: %r" % listed)
+        names = [n for i, n in listed]
         self.assertIn("base:allocation", names)
         self.assertNotIn("qemu:allocation-depth", names)
         self.assertInSync(c)
@@ -372,6 +376,41 @@ class ExtendedHeaderTests(HandshakeBase):
         self.assertEqual(c.read(0, 512).data, HEAD[:512])
         c.disconnect()
         self.assertTrue(c.read_until_close(5)[0])
+
+
+    def _extended_client(self):
+        c = self.client()
+        self.assertEqual(c.extended_headers(), T.REP_ACK)
+        c.go(NAME)
+        return c
+
+    def test_extended_write_without_payload_len_has_no_payload(self):
+        # proto.md (extended headers): if PAYLOAD_LEN "is absent (there is no payload, and *length*
+        # instead is an effect length ...)". So the READ sent right behind such a WRITE is the next
+        # request, not payload bytes: the WRITE gets EINVAL and the READ its data.
+        c = self._extended_client()
+        w = c.send_request(T.CMD_WRITE, 0, 512)
+        r = c.send_request(T.CMD_READ, 4096, 512)
+        replies = {}
+        for _ in range(2):
+            rep = c.read_reply(512)
+            replies[rep.cookie] = rep
+        self.assertEqual(replies[w].error, T.NBD_EINVAL)
+        self.assertEqual(replies[r].error, 0)
+        self.assertEqual(T.assemble_read(replies[r].chunks, 4096, 512), HEAD[4096:4096 + 512])
+        self.assertEqual(T.read_file(self.img, 0, 512), HEAD[:512], "the WRITE must not have written")
+        self.assertEqual(c.read(0, 512).data, HEAD[:512])
+
+    def test_oversize_payload_len_is_a_hard_disconnect(self):
+        # "A server SHOULD initiate hard disconnect if a client sets the NBD_CMD_FLAG_PAYLOAD_LEN flag and
+        # uses a *length* larger than a server's advertised ... maximum payload length"
+        c = self._extended_client()
+        c.send_request(T.CMD_WRITE, 0, 32 * MiB + 512, T.CMD_FLAG_PAYLOAD_LEN)
+        closed, data = c.read_until_close(5)
+        self.assertTrue(closed, "an oversize PAYLOAD_LEN must close the connection")
+        self.assertEqual(data, b"", "no reply before the disconnect")
+        self.assertTrue(self.srv.alive())
+        self.assertEqual(self.client().go(NAME)[T.INFO_EXPORT][0], 64 * MiB)
 
 
 class TransmissionTests(HandshakeBase):
