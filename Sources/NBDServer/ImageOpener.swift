@@ -6,13 +6,8 @@ import QCow2Driver
 import QCow2Tools
 import RawDriver
 import UVCore
-#if canImport(Glibc)
-import Glibc
-#endif
 
 enum ImageOpener {
-    static let qcow2Magic: [UInt8] = [0x51, 0x46, 0x49, 0xfb]
-
     static func open(_ configuration: ServerConfiguration, io: FileIO, log: Logger) throws(ServerError) -> BlockDevice {
         let path = configuration.imagePath
         let format: ServerConfiguration.ImageFormat
@@ -41,19 +36,35 @@ enum ImageOpener {
         }
     }
 
-    /// The dirty bit: lazy refcounts were in use when the writer stopped without closing.
+    /// The image's metadata through the format layer, read with blocking I/O (opening happens before
+    /// the loop serves anyone).
+    private static func withLoader<T>(_ path: String,
+                                      _ body: (MetadataLoader, UInt64) throws(QCow2Error) -> T) throws(ServerError) -> T {
+        let storage: FileStorage
+        do {
+            storage = try FileStorage(path: path, mode: .readOnly)
+        } catch {
+            throw ServerError(error.message)
+        }
+        defer { storage.close() }
+        do {
+            return try body(MetadataLoader(storage: storage), try storage.length())
+        } catch let error as QCow2Error {
+            throw ServerError("\(path): \(error)")
+        } catch {
+            throw ServerError("\(path): \(error)")
+        }
+    }
+
+    /// The dirty bit (from the header): lazy refcounts were in use when the writer stopped without
+    /// closing. An image whose header does not parse is not dirty here; the driver refuses it.
     private static func isDirty(_ path: String) -> Bool {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return false }
-        defer { Glibc.close(fd) }
-        var bytes = [UInt8](repeating: 0, count: 80)
-        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 80, 0) }
-        guard n == 80, bytes[4..<8] == [0, 0, 0, 3] else { return false }
-        return bytes[79] & UInt8(FeatureBit.dirty) != 0
+        (try? withLoader(path) { (loader, size) throws(QCow2Error) in try loader.header(fileSize: size).isDirty }) ?? false
     }
 
     /// O5: a dirty image's refcounts may be stale, so they are rebuilt from the tables before anything
-    /// is allocated from them; the repair clears the dirty bit when it leaves nothing broken.
+    /// is allocated from them; the repair clears the dirty bit when it leaves nothing broken. The check
+    /// and repair are `qnbd check -r all`'s, which run on the format layer.
     private static func repair(_ path: String, log: Logger) throws(ServerError) {
         log.warning("\(path): the dirty bit is set (lazy refcounts, unclean stop); repairing refcounts before serving")
         let report = ImageChecker.check(path: path, repair: .all)
@@ -65,13 +76,15 @@ enum ImageOpener {
         log.warning("\(path): repaired \(result.corruptionsFixed) refcount errors and \(result.leaksFixed) leaks")
     }
 
+    /// The format from the file's first bytes (ImageProbe). Another format's signature is refused:
+    /// serving it as raw would expose the container instead of the disk in it.
     private static func detect(_ path: String) throws(ServerError) -> ServerConfiguration.ImageFormat {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw ServerError("cannot open \(path): \(String(cString: strerror(errno)))") }
-        defer { Glibc.close(fd) }
-        var magic = [UInt8](repeating: 0, count: 4)
-        let n = magic.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 4, 0) }
-        return n == 4 && magic == qcow2Magic ? .qcow2 : .raw
+        let probed = try withLoader(path) { (loader, _) throws(QCow2Error) in try loader.probe() }
+        switch probed {
+        case .qcow2: return .qcow2
+        case .raw: return .raw
+        case .foreign(let name): throw ServerError(ImageProbe.refusal(path: path, format: name))
+        }
     }
 }
 

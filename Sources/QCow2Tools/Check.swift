@@ -150,7 +150,7 @@ public enum ImageChecker {
     public static func check(storage: ImageStorage, name: String, repair: RepairMode?) -> CheckReport {
         let format: ImageFormat
         do {
-            format = try probeFormat(storage)
+            format = try probeFormat(storage, name: name)
         } catch {
             return CheckReport(filename: name, format: .raw, first: CheckResult(), failure: error.message)
         }
@@ -213,7 +213,9 @@ final class RefcountCheck {
     private func openChecks(name: String) throws(ToolError) {
         try image.validateForOpen(name: name)
         do {
-            (snapshots, snapshotTableSize) = try image.snapshots()
+            let table = try image.snapshots()
+            snapshots = table.entries
+            snapshotTableSize = table.byteCount
         } catch {
             throw ToolError("could not open '\(name)': \(error.message)")
         }
@@ -277,7 +279,7 @@ final class RefcountCheck {
         let (end, overflow) = offset.addingReportingOverflow(size)
         if overflow || end >= fileLength + cs {
             corruption("ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
-                       + "offset 0x\(hex(offset)) size 0x\(hex(size))")
+                       + "offset 0x\(hex(offset, .bare)) size 0x\(hex(size, .bare))")
             return
         }
         let maximum = image.geometry.refcountMaximum
@@ -285,7 +287,7 @@ final class RefcountCheck {
             let k = Int(cluster)
             if k >= references.count { references += [UInt64](repeating: 0, count: k + 1 - references.count) }
             if references[k] == maximum {
-                corruption("ERROR: overflow cluster offset=0x\(hex(cluster * cs))")
+                corruption("ERROR: overflow cluster offset=0x\(hex(cluster * cs, .bare))")
                 result.messages.append("Use qemu-img amend to increase the refcount entry width or qemu-img convert "
                                        + "to create a clean copy if the image cannot be opened for writing")
                 continue
@@ -303,12 +305,12 @@ final class RefcountCheck {
         for snapshot in snapshots {
             let label = "snapshot \(snapshot.id) (\(snapshot.name))"
             if snapshot.l1TableOffset % cs != 0 {
-                corruption("ERROR snapshot \(snapshot.id) (\(snapshot.name)) l1_offset=\(hexString(snapshot.l1TableOffset)): "
+                corruption("ERROR snapshot \(snapshot.id) (\(snapshot.name)) l1_offset=\(hex(snapshot.l1TableOffset, .alternate)): "
                            + "L1 table is not cluster aligned; snapshot table entry corrupted")
                 continue
             }
-            if UInt64(snapshot.l1Size) > QCow2Limit.l1Bytes / 8 {
-                corruption("ERROR snapshot \(snapshot.id) (\(snapshot.name)) l1_size=\(hexString(UInt64(snapshot.l1Size))): "
+            if UInt64(snapshot.l1Size) > QCow2Limits.l1Bytes / 8 {
+                corruption("ERROR snapshot \(snapshot.id) (\(snapshot.name)) l1_size=\(hex(UInt64(snapshot.l1Size), .alternate)): "
                            + "L1 table is too large; snapshot table entry corrupted")
                 continue
             }
@@ -326,13 +328,13 @@ final class RefcountCheck {
         addReferences(offset, UInt64(size) * 8, owner: "\(label) L1 table")
         let table = try image.readWords(at: offset, count: Int(size))
         for (i, entry) in table.enumerated() where entry != 0 {
-            if entry & QCow2Mask.l1Reserved != 0 {
-                corruption("ERROR found L1 entry with reserved bits set: \(hex(entry))")
+            if entry & L1Entry.reserved != 0 {
+                corruption("ERROR found L1 entry with reserved bits set: \(hex(entry, .bare))")
             }
-            let l2 = entry & QCow2Mask.l1Offset
+            let l2 = entry & L1Entry.offsetMask
             addReferences(l2, cs, owner: "\(label) L2 table (L1 index \(i))")
             if l2 % cs != 0 {
-                corruption("ERROR l2_offset=\(hex(l2)): Table is not cluster aligned; L1 entry corrupted")
+                corruption("ERROR l2_offset=\(hex(l2, .bare)): Table is not cluster aligned; L1 entry corrupted")
             }
             try checkL2(offset: l2, fragmentation: active)
         }
@@ -348,23 +350,23 @@ final class RefcountCheck {
             var entry = words[i * step]
             let bitmap = extended ? words[i * step + 1] : 0
             let type = image.clusterType(entry)
-            if type != .compressed && entry & QCow2Mask.l2StandardReserved != 0 {
-                corruption("ERROR found l2 entry with reserved bits set: \(hex(entry))")
+            if type != .compressed && entry & L2Entry.standardReserved != 0 {
+                corruption("ERROR found l2 entry with reserved bits set: \(hex(entry, .bare))")
             }
             switch type {
             case .compressed:
-                if entry & QCow2Mask.copied != 0 {
+                if entry & L2Entry.copied != 0 {
                     let offsetBits = UInt64(image.geometry.compressedOffsetBits)
-                    corruption("ERROR: coffset=0x\(hex(entry & ((1 << offsetBits) - 1))): "
+                    corruption("ERROR: coffset=0x\(hex(entry & ((1 << offsetBits) - 1), .bare)): "
                                + "copied flag must never be set for compressed clusters")
-                    entry &= ~QCow2Mask.copied
+                    entry &= ~L2Entry.copied
                 }
                 if bitmap != 0 {
-                    corruption("ERROR compressed cluster \(i) with non-zero subcluster allocation bitmap, entry=0x\(hex(entry))")
+                    corruption("ERROR compressed cluster \(i) with non-zero subcluster allocation bitmap, entry=0x\(hex(entry, .bare))")
                     continue
                 }
-                let range = image.compressedRange(entry)
-                addReferences(range.offset, range.length)
+                let range = L2Entry.compressedExtent(entry, geometry: image.geometry)
+                addReferences(range.host, range.byteCount)
                 if fragmentation {
                     result.allocatedClusters += 1
                     result.compressedClusters += 1
@@ -372,17 +374,17 @@ final class RefcountCheck {
                     result.fragmentedClusters += 1
                 }
             case .zeroAllocated, .normal:
-                let host = entry & QCow2Mask.l2Offset
+                let host = entry & L2Entry.offsetMask
                 if (bitmap >> 32) & bitmap != 0 {
-                    corruption("ERROR offset=\(hex(host)): Allocated cluster has corrupted subcluster allocation bitmap")
+                    corruption("ERROR offset=\(hex(host, .bare)): Allocated cluster has corrupted subcluster allocation bitmap")
                 }
                 if host % cs != 0 {
                     result.corruptions += 1
-                    let containsData = extended ? bitmap & QCow2Mask.allSubclustersAllocated != 0
-                                                : entry & QCow2Mask.zero == 0
+                    let containsData = extended ? bitmap & L2Entry.allAllocated != 0
+                                                : entry & L2Entry.zeroFlag == 0
                     if !containsData {
                         let fixing = repair?.fixesErrors ?? false
-                        result.messages.append("\(fixing ? "Repairing" : "ERROR") offset=\(hex(host)): "
+                        result.messages.append("\(fixing ? "Repairing" : "ERROR") offset=\(hex(host, .bare)): "
                                                + "Preallocated cluster is not properly aligned; L2 entry corrupted.")
                         if fixing, try zeroL2Entry(table: offset, index: i, bitmap: bitmap) {
                             result.corruptions -= 1
@@ -390,7 +392,7 @@ final class RefcountCheck {
                             continue
                         }
                     } else {
-                        result.messages.append("ERROR offset=\(hex(host)): Data cluster is not properly aligned; "
+                        result.messages.append("ERROR offset=\(hex(host, .bare)): Data cluster is not properly aligned; "
                                                + "L2 entry corrupted.")
                     }
                 }
@@ -403,7 +405,7 @@ final class RefcountCheck {
             case .zeroPlain:
                 break
             case .unallocated:
-                if bitmap & QCow2Mask.allSubclustersAllocated != 0 {
+                if bitmap & L2Entry.allAllocated != 0 {
                     corruption("ERROR: Unallocated cluster has non-zero subcluster allocation map")
                 }
             }
@@ -423,9 +425,9 @@ final class RefcountCheck {
         if extended {
             // Allocated subclusters become zero ones; the cluster itself becomes unallocated.
             let zeroBits = (bitmap | bitmap << 32) & 0xffff_ffff_0000_0000
-            bytes.putBE64(zeroBits, at: 8)
+            bytes.setBE64(zeroBits, at: 8)
         } else {
-            bytes.putBE64(QCow2Mask.zero, at: 0)
+            bytes.setBE64(L2Entry.zeroFlag, at: 0)
         }
         try storage.write(bytes, at: entryOffset)
         try storage.sync()
@@ -435,7 +437,7 @@ final class RefcountCheck {
     /// qcow2_check_bitmaps_refcounts: the directory, each bitmap table and its data clusters.
     private func countBitmaps() throws {
         guard let directory = try image.bitmapDirectory() else { return }
-        addReferences(directory.offset, directory.size, owner: "bitmap directory")
+        addReferences(directory.offset, directory.byteCount, owner: "bitmap directory")
         let bitmaps: [BitmapEntry]
         do {
             bitmaps = try image.bitmaps()
@@ -447,8 +449,8 @@ final class RefcountCheck {
             addReferences(bitmap.tableOffset, UInt64(bitmap.tableSize) * 8, owner: "bitmap table (\(bitmap.name))")
             let table = try image.readWords(at: bitmap.tableOffset, count: Int(bitmap.tableSize))
             for entry in table {
-                let offset = entry & QCow2Mask.bitmapTableOffset
-                if entry & QCow2Mask.bitmapTableReserved != 0 || (offset != 0 && (entry & 1 != 0 || offset % cs != 0)) {
+                let offset = entry & BitmapTableEntry.offsetMask
+                if entry & BitmapTableEntry.reserved != 0 || (offset != 0 && (entry & 1 != 0 || offset % cs != 0)) {
                     result.corruptions += 1
                     continue
                 }
@@ -461,9 +463,9 @@ final class RefcountCheck {
     private func checkRefblocks() throws {
         let table = try image.reftable()
         for (i, raw) in table.enumerated() {
-            let offset = raw & QCow2Mask.reftableOffset
+            let offset = raw & RefcountTableEntry.offsetMask
             let cluster = offset / cs
-            if raw & QCow2Mask.reftableReserved != 0 {
+            if raw & RefcountTableEntry.reserved != 0 {
                 corruption("ERROR refcount table entry \(i) has reserved bits set")
                 needRebuild("refcount table entry \(i) has reserved bits set")
                 continue
@@ -506,7 +508,7 @@ final class RefcountCheck {
         while first < references.count {
             let index = Int(UInt64(first) >> bits)
             let end = min(references.count, (index + 1) << Int(bits))
-            let offset = index < table.count ? table[index] & QCow2Mask.reftableOffset : 0
+            let offset = index < table.count ? table[index] & RefcountTableEntry.offsetMask : 0
             if offset % cs != 0 {
                 // qemu cannot load a misaligned refcount block: every lookup in its range fails.
                 for i in first..<end {
@@ -592,7 +594,7 @@ final class RefcountCheck {
             // One refcount block at a time: its stored values, corrected in memory, written back if changed.
             let index = Int(UInt64(first) >> bits)
             let end = min(references.count, (index + 1) << Int(bits))
-            let offset = index < table.count ? table[index] & QCow2Mask.reftableOffset : 0
+            let offset = index < table.count ? table[index] & RefcountTableEntry.offsetMask : 0
             var block = offset != 0 ? try image.refblock(at: offset) : newBlocks[index]?.bytes
             var changed = false
             for i in first..<end {
@@ -627,7 +629,7 @@ final class RefcountCheck {
             try storage.write(block.bytes, at: block.offset)
             try storage.sync()
             var entry = [UInt8](repeating: 0, count: 8)
-            entry.putBE64(block.offset, at: 0)
+            entry.setBE64(block.offset, at: 0)
             try storage.write(entry, at: image.header.refcountTableOffset + UInt64(index) * 8)
             try storage.sync()
             table[index] = block.offset
@@ -649,17 +651,17 @@ final class RefcountCheck {
         let step = extended ? 2 : 1
         for i in 0..<l1.count {
             let l1Entry = l1[i]
-            let l2 = l1Entry & QCow2Mask.l1Offset
+            let l2 = l1Entry & L1Entry.offsetMask
             guard l2 != 0 else { continue }
             if let refcount = try image.refcount(ofCluster: l2 / cs),
-               (refcount == 1) != (l1Entry & QCow2Mask.copied != 0) {
+               (refcount == 1) != (l1Entry & L2Entry.copied != 0) {
                 result.corruptions += 1
                 result.messages.append("\(fix ? "Repairing" : "ERROR") OFLAG_COPIED L2 cluster: l1_index=\(i) "
-                                       + "l1_entry=\(hex(l1Entry)) refcount=\(refcount)")
+                                       + "l1_entry=\(hex(l1Entry, .bare)) refcount=\(refcount)")
                 if fix {
-                    l1[i] = refcount == 1 ? l1Entry | QCow2Mask.copied : l1Entry & ~QCow2Mask.copied
+                    l1[i] = refcount == 1 ? l1Entry | L2Entry.copied : l1Entry & ~L2Entry.copied
                     var bytes = [UInt8](repeating: 0, count: 8)
-                    bytes.putBE64(l1[i], at: 0)
+                    bytes.setBE64(l1[i], at: 0)
                     try storage.write(bytes, at: h.l1TableOffset + UInt64(i) * 8)
                     try storage.sync()
                     result.corruptions -= 1
@@ -672,13 +674,13 @@ final class RefcountCheck {
                 let entry = words[j * step]
                 let type = image.clusterType(entry)
                 guard type == .normal || type == .zeroAllocated else { continue }
-                guard let refcount = try image.refcount(ofCluster: (entry & QCow2Mask.l2Offset) / cs) else { continue }
-                if (refcount == 1) != (entry & QCow2Mask.copied != 0) {
+                guard let refcount = try image.refcount(ofCluster: (entry & L2Entry.offsetMask) / cs) else { continue }
+                if (refcount == 1) != (entry & L2Entry.copied != 0) {
                     result.corruptions += 1
                     result.messages.append("\(fix ? "Repairing" : "ERROR") OFLAG_COPIED data cluster: "
-                                           + "l2_entry=\(hex(entry)) refcount=\(refcount)")
+                                           + "l2_entry=\(hex(entry, .bare)) refcount=\(refcount)")
                     if fix {
-                        words[j * step] = refcount == 1 ? entry | QCow2Mask.copied : entry & ~QCow2Mask.copied
+                        words[j * step] = refcount == 1 ? entry | L2Entry.copied : entry & ~L2Entry.copied
                         changes += 1
                     }
                 }
@@ -691,7 +693,7 @@ final class RefcountCheck {
                     throw CheckAborted(partial: result, reason: "Input/output error")
                 }
                 var bytes = [UInt8](repeating: 0, count: Int(cs))
-                for (k, word) in words.enumerated() { bytes.putBE64(word, at: k * 8) }
+                for (k, word) in words.enumerated() { bytes.setBE64(word, at: k * 8) }
                 try storage.write(bytes, at: l2)
                 try storage.sync()
                 result.corruptions -= changes
@@ -716,8 +718,8 @@ final class RefcountCheck {
             return "inactive L1 table"
         }
         if let table = try? image.reftable() {
-            for raw in table where raw & QCow2Mask.reftableOffset != 0 {
-                if hits(raw & QCow2Mask.reftableOffset, cs) { return "refcount block" }
+            for raw in table where raw & RefcountTableEntry.offsetMask != 0 {
+                if hits(raw & RefcountTableEntry.offsetMask, cs) { return "refcount block" }
             }
         }
         return nil
@@ -734,11 +736,9 @@ final class RefcountCheck {
         guard cleared != h.incompatibleFeatures else { return }
         try storage.sync()   // the repaired metadata is durable before the header says it is sound
         var bytes = [UInt8](repeating: 0, count: 8)
-        bytes.putBE64(cleared, at: 0)
+        bytes.setBE64(cleared, at: 0)
         try storage.write(bytes, at: Header.incompatibleFeaturesOffset)
         try storage.sync()
     }
 }
 
-/// Lower-case hex without a prefix, as qemu's PRIx64.
-func hex(_ value: UInt64) -> String { String(value, radix: 16) }

@@ -38,8 +38,9 @@ public struct ImageInfo: Equatable, Sendable {
     public static func read(path: String, format: ImageFormat? = nil) throws(ToolError) -> ImageInfo {
         let storage = try FileStorage(path: path, mode: .readOnly)
         defer { storage.close() }
-        let detected = try probeFormat(storage)
-        let chosen = format ?? detected
+        let detected = probedFormat(storage)
+        let chosen: ImageFormat
+        if let format { chosen = format } else { chosen = try probeFormat(storage, name: path) }
         var info = ImageInfo(
             filename: path, format: chosen, virtualSize: 0, actualSize: try storage.allocatedBytes(),
             clusterSize: nil, dirty: false, encrypted: false, backingFilename: nil, fullBackingFilename: nil,

@@ -76,8 +76,9 @@ final class ChainLayer {
     init(name: String, format: ImageFormat?) throws(ToolError) {
         self.name = name
         storage = try FileStorage(path: name, mode: .readOnly)
-        let detected = try probeFormat(storage)
-        let chosen = format ?? detected
+        let detected = probedFormat(storage)
+        let chosen: ImageFormat
+        if let format { chosen = format } else { chosen = try probeFormat(storage, name: name) }
         self.format = chosen
         if chosen == .qcow2 {
             guard detected == .qcow2 else { throw ToolError("'\(name)' is not a qcow2 image") }
@@ -140,12 +141,12 @@ final class ChainLayer {
         let l1Index = g.l1Index(offset)
         let tableEnd = (offset / g.l2Coverage + 1) * g.l2Coverage
         let limit = min(offset + bytes, tableEnd)
-        let l2Offset = l1Index < l1.count ? l1[l1Index] & QCow2Mask.l1Offset : 0
+        let l2Offset = l1Index < l1.count ? l1[l1Index] & L1Entry.offsetMask : 0
         if l2Offset == 0 {
             return LayerStatus(length: limit - offset)
         }
         guard l2Offset % g.clusterSize == 0 else {
-            throw ToolError("Could not read file metadata: L2 table offset \(hexString(l2Offset)) unaligned (L1 index \(l1Index))")
+            throw ToolError("Could not read file metadata: L2 table offset \(hex(l2Offset, .alternate)) unaligned (L1 index \(l1Index))")
         }
         let table = try l2Table(image, at: l2Offset)
         let step = g.extendedL2 ? 2 : 1
@@ -157,11 +158,11 @@ final class ChainLayer {
             let type = image.subclusterType(entry, bitmap: bitmap, index: sub)
             switch type {
             case .invalid:
-                throw ToolError("Could not read file metadata: invalid cluster entry \(hexString(entry)) at guest offset \(position)")
+                throw ToolError("Could not read file metadata: invalid cluster entry \(hex(entry, .alternate)) at guest offset \(position)")
             case .normal, .zeroAllocated, .unallocatedAllocated:
-                let host = entry & QCow2Mask.l2Offset
+                let host = entry & L2Entry.offsetMask
                 guard host % g.clusterSize == 0 else {
-                    throw ToolError("Could not read file metadata: cluster allocation offset \(hexString(host)) unaligned")
+                    throw ToolError("Could not read file metadata: cluster allocation offset \(hex(host, .alternate)) unaligned")
                 }
                 return (type, host + g.offsetInCluster(position))
             default:
