@@ -3,7 +3,6 @@
 import BlockDevice
 import QCow2
 import QCow2Driver
-import QCow2Tools
 import RawDriver
 import UVCore
 
@@ -40,19 +39,11 @@ enum ImageOpener {
     /// the loop serves anyone).
     private static func withLoader<T>(_ path: String,
                                       _ body: (MetadataLoader, UInt64) throws(QCow2Error) -> T) throws(ServerError) -> T {
-        let storage: FileStorage
-        do {
-            storage = try FileStorage(path: path, mode: .readOnly)
+        do throws(QCow2Error) {
+            let file = try BlockingImageFile(path: path, writable: false)
+            return try body(MetadataLoader(file: file), try file.length())
         } catch {
-            throw ServerError(error.message)
-        }
-        defer { storage.close() }
-        do {
-            return try body(MetadataLoader(storage: storage), try storage.length())
-        } catch let error as QCow2Error {
-            throw ServerError("\(path): \(error)")
-        } catch {
-            throw ServerError("\(path): \(error)")
+            throw ServerError(error.structure == "file" ? error.message : "\(path): \(error)")
         }
     }
 
@@ -63,14 +54,19 @@ enum ImageOpener {
     }
 
     /// O5: a dirty image's refcounts may be stale, so they are rebuilt from the tables before anything
-    /// is allocated from them; the repair clears the dirty bit when it leaves nothing broken. The check
-    /// and repair are `qnbd check -r all`'s, which run on the format layer.
+    /// is allocated from them; the repair clears the dirty bit when it leaves nothing broken. It is the
+    /// format layer's check and repair (QCow2Check), the one `qnbd check -r all` runs.
     private static func repair(_ path: String, log: Logger) throws(ServerError) {
         log.warning("\(path): the dirty bit is set (lazy refcounts, unclean stop); repairing refcounts before serving")
-        let report = ImageChecker.check(path: path, repair: .all)
-        let result = report.final
-        guard report.failure == nil, result.corruptions == 0, !isDirty(path) else {
-            let why = report.failure ?? "\(result.corruptions) errors remain"
+        let outcome: CheckOutcome
+        do throws(QCow2Error) {
+            outcome = QCow2Check.run(file: try BlockingImageFile(path: path, writable: true), name: path, repair: .all)
+        } catch {
+            throw ServerError(error.text)
+        }
+        let result = outcome.final
+        guard outcome.failure == nil, result.corruptions == 0, !isDirty(path) else {
+            let why = outcome.failure ?? "\(result.corruptions) errors remain"
             throw ServerError("\(path): repairing the dirty image failed (\(why)); run `qemu-img check -r all` or serve it with --read-only")
         }
         log.warning("\(path): repaired \(result.corruptionsFixed) refcount errors and \(result.leaksFixed) leaks")

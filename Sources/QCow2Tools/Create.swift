@@ -359,7 +359,7 @@ public enum ImageCreator {
             switch options.backingFormat! {
             case .qcow2:
                 // qemu sees a qcow2 disk in whole sectors (the header size rounded down).
-                options.size = try QCow2Image(storage: storage, name: full).header.size & ~511
+                options.size = try ImageMetadata.open(storage, name: full, validate: false).header.size & ~511
             case .raw:
                 options.size = (try storage.length() + 511) & ~511
             }

@@ -26,139 +26,58 @@ public func probedFormat(_ storage: ImageStorage) -> ProbedFormat {
     (try? MetadataLoader(storage: storage).probe()) ?? .raw
 }
 
+/// The tools' storage as the format layer's MetadataFile.
+final class StorageFile: MetadataFile {
+    let storage: ImageStorage
+
+    init(_ storage: ImageStorage) {
+        self.storage = storage
+    }
+
+    func length() throws(QCow2Error) -> UInt64 {
+        do throws(ToolError) { return try storage.length() } catch { throw .io(error.message) }
+    }
+
+    func read(at offset: UInt64, count: Int) throws(QCow2Error) -> [UInt8] {
+        do throws(ToolError) { return try storage.read(at: offset, count: count) } catch { throw .io(error.message) }
+    }
+
+    func write(_ bytes: [UInt8], at offset: UInt64) throws(QCow2Error) {
+        do throws(ToolError) { try storage.write(bytes, at: offset) } catch { throw .io(error.message) }
+    }
+
+    func sync() throws(QCow2Error) {
+        do throws(ToolError) { try storage.sync() } catch { throw .io(error.message) }
+    }
+}
+
 extension MetadataLoader {
     /// A loader over the tools' blocking storage.
     public init(storage: ImageStorage) {
-        self.init { (offset, count) throws(QCow2Error) in
-            do throws(ToolError) { return try storage.read(at: offset, count: count) } catch {
-                throw QCow2Error("file", error.message)
-            }
+        self.init(file: StorageFile(storage))
+    }
+}
+
+extension ImageMetadata {
+    /// Opens `storage` as a qcow2 image for a tool, refusing (with `validate`) what qemu refuses at open
+    /// (Header.validateOpenable); the rest is left for the tool to read or diagnose.
+    static func open(_ storage: ImageStorage, name: String, validate: Bool = true) throws(ToolError) -> ImageMetadata {
+        do {
+            let image = try ImageMetadata(file: StorageFile(storage))
+            if validate { try image.header.validateOpenable() }
+            return image
+        } catch {
+            throw ToolError("could not open '\(name)': \(error.text)")
         }
     }
 }
 
 extension ToolError {
     /// A format-layer error as the tools print it.
-    init(_ error: QCow2Error) { self.init("\(error.structure): \(error.message)") }
+    init(_ error: QCow2Error) { self.init(error.text) }
 }
 
-/// An opened qcow2 image: header, geometry and readers for its tables.
-public final class QCow2Image {
-    public let storage: ImageStorage
-    public let loader: MetadataLoader
-    public let header: Header
-    public let geometry: Geometry
-    /// The file length when opened.
-    public let fileLength: UInt64
-    private var refblockCache: [UInt64: [UInt8]] = [:]
-    private var lastRefblock: (offset: UInt64, bytes: [UInt8]) = (0, [])
-    private var reftableCache: [UInt64]?
-
-    public init(storage: ImageStorage, name: String) throws(ToolError) {
-        self.storage = storage
-        loader = MetadataLoader(storage: storage)
-        fileLength = try storage.length()
-        do {
-            header = try loader.header(fileSize: fileLength)
-        } catch {
-            throw ToolError("could not open '\(name)': \(error)")
-        }
-        geometry = Geometry(header: header)
-    }
-
-    public var clusterSize: UInt64 { geometry.clusterSize }
-
-    /// What qemu checks when it opens an image (Header.validateOpenable): the tools refuse what qemu
-    /// refuses, and accept the rest so that check can diagnose it.
-    public func validateForOpen(name: String) throws(ToolError) {
-        do {
-            try header.validateOpenable()
-        } catch {
-            throw ToolError("could not open '\(name)': \(error)")
-        }
-    }
-
-    /// The refcount table's entry count (qemu's refcount_table_size).
-    public var reftableEntries: Int { Int(header.refcountTableClusters) * Int(clusterSize) / 8 }
-
-    /// Reads `count` big-endian 64-bit words at `offset`.
-    public func readWords(at offset: UInt64, count: Int) throws(ToolError) -> [UInt64] {
-        do { return try loader.words(at: offset, count: count) } catch { throw ToolError(error) }
-    }
-
-    public func l1Table() throws(ToolError) -> [UInt64] {
-        do { return try loader.l1Table(header) } catch { throw ToolError(error) }
-    }
-
-    /// An L2 table as raw words: one per entry, or two (entry, bitmap) with extended L2.
-    public func l2Table(at offset: UInt64) throws(ToolError) -> [UInt64] {
-        do { return try loader.l2Table(at: offset, geometry: geometry) } catch { throw ToolError(error) }
-    }
-
-    public func reftable() throws(ToolError) -> [UInt64] {
-        if let reftableCache { return reftableCache }
-        let table: [UInt64]
-        do { table = try loader.refcountTable(header) } catch { throw ToolError(error) }
-        reftableCache = table
-        return table
-    }
-
-    /// Drops cached refcount data after the tools change it on disk.
-    public func forgetRefcounts() {
-        refblockCache = [:]
-        lastRefblock = (0, [])
-        reftableCache = nil
-    }
-
-    /// The on-disk refcount of a host cluster (qcow2_get_refcount): 0 where no refcount block exists;
-    /// nil when the refcount block's offset is not cluster aligned (qemu fails such lookups with EIO).
-    public func refcount(ofCluster cluster: UInt64) throws(ToolError) -> UInt64? {
-        let (index, slot) = geometry.refcountPosition(ofCluster: cluster)
-        let table = try reftable()
-        guard index < table.count else { return 0 }
-        let block = table[index] & RefcountTableEntry.offsetMask
-        if block == 0 { return 0 }
-        guard block % clusterSize == 0 else { return nil }
-        let bytes = try refblock(at: block)
-        return bytes.withUnsafeBytes { RefcountEntry.get($0, index: slot, order: geometry.refcountOrder) }
-    }
-
-    func refblock(at offset: UInt64) throws(ToolError) -> [UInt8] {
-        // Lookups come in runs on one block; skip the dictionary for those.
-        if offset == lastRefblock.offset { return lastRefblock.bytes }
-        let bytes: [UInt8]
-        if let cached = refblockCache[offset] {
-            bytes = cached
-        } else {
-            do { bytes = try loader.refcountBlock(at: offset, geometry: geometry) } catch { throw ToolError(error) }
-            refblockCache[offset] = bytes
-        }
-        lastRefblock = (offset, bytes)
-        return bytes
-    }
-
-    /// qemu's qcow2_get_cluster_type (L2Entry.clusterType).
-    public func clusterType(_ entry: UInt64) -> ClusterType {
-        L2Entry.clusterType(entry, extendedL2: geometry.extendedL2)
-    }
-
-    /// qemu's qcow2_get_subcluster_type (L2Entry.subclusterType).
-    public func subclusterType(_ entry: UInt64, bitmap: UInt64, index: Int) -> SubclusterType {
-        L2Entry.subclusterType(entry, bitmap: bitmap, index: index, extendedL2: geometry.extendedL2)
-    }
-
-    /// The snapshot table (SnapshotTable).
-    public func snapshots() throws(ToolError) -> SnapshotTable {
-        do { return try SnapshotTable(header: header, read: loader.read) } catch { throw ToolError(error) }
-    }
-
-    /// The bitmap directory's location, when the image's bitmaps are valid (BitmapDirectory).
-    public func bitmapDirectory() throws(ToolError) -> BitmapDirectory? {
-        do { return try BitmapDirectory(header: header) } catch { throw ToolError(error) }
-    }
-
-    public func bitmaps() throws(ToolError) -> [BitmapEntry] {
-        guard let directory = try bitmapDirectory() else { return [] }
-        do { return try directory.entries(read: loader.read) } catch { throw ToolError(error) }
-    }
+/// Runs a format-layer call from a tool, its error worded for the tool.
+func tool<T>(_ body: () throws(QCow2Error) -> T) throws(ToolError) -> T {
+    do { return try body() } catch { throw ToolError(error) }
 }

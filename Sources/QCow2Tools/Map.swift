@@ -65,7 +65,7 @@ final class ChainLayer {
     let name: String
     let format: ImageFormat
     let storage: FileStorage
-    let qcow2: QCow2Image?
+    let qcow2: ImageMetadata?
     /// The disk size the block layer sees (whole 512-byte sectors).
     let length: UInt64
     /// The active L1 table (at most 32 MiB), read once.
@@ -82,12 +82,11 @@ final class ChainLayer {
         self.format = chosen
         if chosen == .qcow2 {
             guard detected == .qcow2 else { throw ToolError("'\(name)' is not a qcow2 image") }
-            let image = try QCow2Image(storage: storage, name: name)
-            try image.validateForOpen(name: name)
+            let image = try ImageMetadata.open(storage, name: name)
             qcow2 = image
             // qcow2's total_sectors is the header size rounded down to sectors.
             length = image.header.size & ~511
-            l1 = try image.l1Table()
+            l1 = try tool { () throws(QCow2Error) in try image.l1Table() }
         } else {
             qcow2 = nil
             l1 = []
@@ -136,7 +135,7 @@ final class ChainLayer {
     }
 
     /// qcow2_co_block_status over one run of equal subclusters (never past the L2 table).
-    private func qcow2Status(_ image: QCow2Image, offset: UInt64, bytes: UInt64) throws(ToolError) -> LayerStatus {
+    private func qcow2Status(_ image: ImageMetadata, offset: UInt64, bytes: UInt64) throws(ToolError) -> LayerStatus {
         let g = image.geometry
         let l1Index = g.l1Index(offset)
         let tableEnd = (offset / g.l2Coverage + 1) * g.l2Coverage
@@ -191,10 +190,10 @@ final class ChainLayer {
         return status
     }
 
-    private func l2Table(_ image: QCow2Image, at offset: UInt64) throws(ToolError) -> [UInt64] {
+    private func l2Table(_ image: ImageMetadata, at offset: UInt64) throws(ToolError) -> [UInt64] {
         if let table = l2Cache[offset] { return table }
         if l2Cache.count > 256 { l2Cache.removeAll(keepingCapacity: true) }
-        let table = try image.l2Table(at: offset)
+        let table = try tool { () throws(QCow2Error) in try image.l2Table(at: offset) }
         l2Cache[offset] = table
         return table
     }
