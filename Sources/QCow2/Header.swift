@@ -238,8 +238,14 @@ public struct Header: Equatable, Sendable {
         guard UInt64(l1Size) * 8 <= QCow2Limits.l1Bytes else {
             throw QCow2Error("L1 table", "\(l1Size) entries exceed 32 MiB")
         }
+        // qemu (qcow2_validate_table) also refuses a table whose end would not fit in a signed 64-bit
+        // file offset; readers would overflow computing it.
+        func fitsInFile(_ offset: UInt64, _ bytes: UInt64) -> Bool { offset <= UInt64(Int64.max) - bytes }
         guard l1TableOffset % cluster == 0 else {
             throw QCow2Error("L1 table", "offset \(hex(l1TableOffset)) is not cluster aligned")
+        }
+        guard fitsInFile(l1TableOffset, UInt64(l1Size) * 8) else {
+            throw QCow2Error("L1 table", "offset \(hex(l1TableOffset)) lies beyond any file")
         }
         let entryBytes: UInt64 = extendedL2 ? 16 : 8
         let coverage = cluster * (cluster / entryBytes)
@@ -253,8 +259,14 @@ public struct Header: Equatable, Sendable {
         guard refcountTableOffset % cluster == 0 else {
             throw QCow2Error("refcount table", "offset \(hex(refcountTableOffset)) is not a cluster-aligned, non-zero offset")
         }
+        guard fitsInFile(refcountTableOffset, UInt64(refcountTableClusters) * cluster) else {
+            throw QCow2Error("refcount table", "offset \(hex(refcountTableOffset)) lies beyond any file")
+        }
         guard snapshotCount <= QCow2Limits.snapshots else {
             throw QCow2Error("snapshot table", "\(snapshotCount) snapshots exceed qemu's limit of \(QCow2Limits.snapshots)")
+        }
+        if snapshotCount > 0 && !fitsInFile(snapshotsOffset, UInt64(snapshotCount) * 40) {
+            throw QCow2Error("snapshot table", "offset \(hex(snapshotsOffset)) lies beyond any file")
         }
         if snapshotCount > 0 && snapshotsOffset % cluster != 0 {
             throw QCow2Error("snapshot table", "offset \(hex(snapshotsOffset)) is not cluster aligned")

@@ -26,6 +26,7 @@ public final class BlockingImageFile: MetadataFile {
     }
 
     public func read(at offset: UInt64, count: Int) throws(QCow2Error) -> [UInt8] {
+        guard offset <= UInt64(Int64.max) - UInt64(count) else { throw .io("\(path): read at \(offset) is beyond any file") }
         var bytes = [UInt8](repeating: 0, count: count)
         var done = 0
         while done < count {
@@ -41,6 +42,7 @@ public final class BlockingImageFile: MetadataFile {
     }
 
     public func write(_ bytes: [UInt8], at offset: UInt64) throws(QCow2Error) {
+        guard offset <= UInt64(Int64.max) - UInt64(bytes.count) else { throw .io("\(path): write at \(offset) is beyond any file") }
         var done = 0
         while done < bytes.count {
             let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done)) }

@@ -522,6 +522,17 @@ class CheckMatchesQemu(ToolsCase):
                 n, q, _ = self.check_both(name)
                 self.assertNotEqual(q.returncode, 0, "the damage was not damage")
 
+    def test_tables_beyond_any_file(self):
+        # Header offsets whose table would end past the largest file offset: qemu refuses to open the
+        # image (exit 1); qnbd check used to trap reading the table. The inputs are the fuzz corpus's.
+        corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fuzz", "corpus", "qcow2")
+        for name in ("regress-l1-offset-overflow", "regress-reftable-offset-overflow"):
+            with self.subTest(image=name):
+                shutil.copyfile(os.path.join(corpus, name), self.path(name))
+                n, q, _ = self.check_both(name)
+                self.assertEqual(n.returncode, 1)
+                self.assertIn("beyond any file", n.stderr)
+
     def test_compressed_damage(self):
         src = self.path("src.raw")
         T.make_image(src, 2 * MiB, [(i * 64 * KiB, compressible(i, 64 * KiB)) for i in range(32)])
