@@ -89,7 +89,7 @@ public final class QCow2Driver: BlockDevice {
                 throw BlockError(errno: ELOOP, message: "\(path): backing chain loops back to \(resolved)")
             }
             seen.insert(key)
-            let format = header.backingFormat ?? (Self.looksLikeQCow2(resolved) ? "qcow2" : "raw")
+            let format = header.backingFormat ?? Self.probedFormat(resolved)
             switch format {
             case "qcow2":
                 backing = try QCow2Driver(path: resolved, writable: false, io: io, cacheBytes: cacheBytes, depth: depth + 1,
@@ -327,9 +327,16 @@ public final class QCow2Driver: BlockDevice {
         return "\(st.st_dev):\(st.st_ino)"
     }
 
-    private static func looksLikeQCow2(_ path: String) -> Bool {
-        guard let file = try? BlockingImageFile(path: path, writable: false) else { return false }
-        return (try? MetadataLoader(file: file).probe()) == .qcow2
+    /// A backing file's format from its first bytes, by qemu's name: another format's signature is not
+    /// taken for raw (the backing format check below refuses it).
+    private static func probedFormat(_ path: String) -> String {
+        guard let file = try? BlockingImageFile(path: path, writable: false),
+              let probed = try? MetadataLoader(file: file).probe() else { return "raw" }
+        switch probed {
+        case .qcow2: return "qcow2"
+        case .raw: return "raw"
+        case .foreign(let name): return name
+        }
     }
 }
 

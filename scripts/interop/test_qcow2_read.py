@@ -408,6 +408,18 @@ class Qcow2Refused(Qcow2ReadCase):
         msg = self.refuse("img.qcow2")
         self.assertIn("gone.raw", msg)
 
+    def test_backing_file_in_a_foreign_format_is_not_taken_for_raw(self):
+        # No backing format in the header: the backing file is probed, and a VHD is named, not served as
+        # raw bytes under the overlay.
+        qemu_img("create", "-q", "-f", "vpc", self.path("base.vpc"), "4M")
+        create(self.path("img.qcow2"), "", size=4 * MiB, backing="base.vpc", backing_fmt="vpc")
+        with open(self.path("img.qcow2"), "rb") as f:
+            head = f.read(64 * KiB)
+        at = head.index(struct.pack(">I", 0xe2792aca))          # the backing format extension
+        poke(self.path("img.qcow2"), at, struct.pack(">I", 0x0badf00d))   # now an unknown one, ignored
+        msg = self.refuse("img.qcow2")
+        self.assertIn("vpc", msg)
+
     def test_truncated_l1_table(self):
         img = create(self.path("img.qcow2"), "cluster_size=512", size=SIZE)
         l1 = header_field(img, 40, ">Q")
