@@ -123,6 +123,18 @@ public enum ImageChecker {
             return CheckReport(filename: name, format: format, first: CheckResult(),
                                failure: "this image format (raw) does not support checks", failureExitCode: 63)
         }
+        // qemu-img check opens the backing chain with the image and gives up (exit 1) when it cannot;
+        // so does serving, so the check does not call such an image clean either.
+        if storage is FileStorage, let image = try? ImageMetadata.open(storage, name: name, validate: false),
+           let backing = image.header.backingFileName {
+            let path = resolveBackingPath(backing, relativeTo: name)
+            do {
+                try FileStorage(path: path, mode: .readOnly).close()
+            } catch {
+                return CheckReport(filename: name, format: .qcow2, first: CheckResult(),
+                                   failure: "could not open '\(name)': could not open backing file: \(error.message)")
+            }
+        }
         let outcome = QCow2Check.run(file: StorageFile(storage), name: name, repair: repair)
         var report = CheckReport(filename: name, format: .qcow2, first: outcome.first)
         report.recheck = outcome.recheck

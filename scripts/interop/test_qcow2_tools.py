@@ -533,6 +533,16 @@ class CheckMatchesQemu(ToolsCase):
                 self.assertEqual(n.returncode, 1)
                 self.assertIn("beyond any file", n.stderr)
 
+    def test_missing_backing_file(self):
+        # qemu-img check opens the backing chain and fails (exit 1) without it; qnbd serve refuses the
+        # image too, and qnbd check no longer calls it clean.
+        qemu_img("create", "-q", "-f", "qcow2", self.path("gone.qcow2"), "1M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", self.path("top.qcow2"))
+        os.unlink(self.path("gone.qcow2"))
+        n, q, _ = self.check_both("top.qcow2")
+        self.assertEqual(n.returncode, 1)
+        self.assertIn("gone.qcow2", n.stderr)
+
     def test_compressed_damage(self):
         src = self.path("src.raw")
         T.make_image(src, 2 * MiB, [(i * 64 * KiB, compressible(i, 64 * KiB)) for i in range(32)])
