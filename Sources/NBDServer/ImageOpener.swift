@@ -1,4 +1,5 @@
-// Opens the image a configuration names with the driver its format needs.
+// Opens the image a configuration names with the driver its format needs. What the file is, whether
+// it is dirty and its repair all come from the qcow2 format layer (ImageProbe, Header, QCow2Check).
 
 import BlockDevice
 import QCow2

@@ -1,6 +1,5 @@
-// Opening an image for the offline tools: the format layer (QCow2: probe, header, tables, snapshots,
-// bitmaps) over a blocking ImageStorage, plus the refcount lookups `check` and `map` make on demand.
-// Nothing here writes.
+// How the offline tools reach the format layer (QCow2: probe, header, tables, snapshots, bitmaps,
+// ImageMetadata) through their blocking ImageStorage, and how its errors become the tools' messages.
 
 import QCow2
 
