@@ -370,6 +370,18 @@ class InfoMatchesQemu(ToolsCase):
                 qemu_io(img, ["write -P 1 0 1m", "write -z 2m 1m"])
                 self.assert_info_equal("i.qcow2")
 
+    def test_foreign_formats_are_named_not_shown_as_raw(self):
+        # The tools probe like serve does: a VHD or VMDK is not described, mapped or checked as raw bytes.
+        for fmt in ("vpc", "vmdk"):
+            with self.subTest(fmt=fmt):
+                img = "disk." + fmt
+                qemu_img("create", "-q", "-f", fmt, self.path(img), "16M")
+                for command in (["info"], ["map"], ["check"]):
+                    p = qnbd(*(command + [img]), cwd=self.dir)
+                    self.assertEqual(p.returncode, 1, "qnbd %s %s: %s%s" % (command[0], img, p.stdout, p.stderr))
+                    self.assertIn(fmt, p.stderr)
+                    self.assertIn("qemu-img convert", p.stderr)
+
     def test_snapshots_and_bitmaps(self):
         img = self.path("s.qcow2")
         qemu_img("create", "-q", "-f", "qcow2", img, "64M")
