@@ -42,7 +42,7 @@ let package = Package(
         .target(name: "QCow2Tools", dependencies: ["QCow2", "BlockDevice"]),
         // Glue: listeners, connections, exports, configuration.
         .target(name: "NBDServer", dependencies: [
-            "UVCore", "NBDProtocol", "BlockDevice", "RawDriver", "QCow2", "QCow2Driver", "QCow2Tools",
+            "UVCore", "NBDProtocol", "BlockDevice", "RawDriver", "QCow2", "QCow2Driver",
         ]),
         .executableTarget(name: "qnbd", dependencies: [
             "NBDServer",

@@ -1,18 +1,14 @@
-// Opens the image an export configuration names with the driver its format needs.
+// Opens the image an export configuration names with the driver its format needs. What the file is,
+// whether it is dirty and its repair all come from the qcow2 format layer (ImageProbe, Header,
+// QCow2Check).
 
 import BlockDevice
 import QCow2
 import QCow2Driver
-import QCow2Tools
 import RawDriver
 import UVCore
-#if canImport(Glibc)
-import Glibc
-#endif
 
 enum ImageOpener {
-    static let qcow2Magic: [UInt8] = [0x51, 0x46, 0x49, 0xfb]
-
     static func open(_ configuration: ExportConfiguration, io: FileIO, log: Logger) throws(ServerError) -> BlockDevice {
         let path = configuration.imagePath
         let format: ServerConfiguration.ImageFormat
@@ -41,37 +37,52 @@ enum ImageOpener {
         }
     }
 
-    /// The dirty bit: lazy refcounts were in use when the writer stopped without closing.
+    /// The image's metadata through the format layer, read with blocking I/O (opening happens before
+    /// the loop serves anyone).
+    private static func withLoader<T>(_ path: String,
+                                      _ body: (MetadataLoader, UInt64) throws(QCow2Error) -> T) throws(ServerError) -> T {
+        do throws(QCow2Error) {
+            let file = try BlockingImageFile(path: path, writable: false)
+            return try body(MetadataLoader(file: file), try file.length())
+        } catch {
+            throw ServerError(error.structure == "file" ? error.message : "\(path): \(error)")
+        }
+    }
+
+    /// The dirty bit (from the header): lazy refcounts were in use when the writer stopped without
+    /// closing. An image whose header does not parse is not dirty here; the driver refuses it.
     private static func isDirty(_ path: String) -> Bool {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return false }
-        defer { Glibc.close(fd) }
-        var bytes = [UInt8](repeating: 0, count: 80)
-        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 80, 0) }
-        guard n == 80, bytes[4..<8] == [0, 0, 0, 3] else { return false }
-        return bytes[79] & UInt8(FeatureBit.dirty) != 0
+        (try? withLoader(path) { (loader, size) throws(QCow2Error) in try loader.header(fileSize: size).isDirty }) ?? false
     }
 
     /// O5: a dirty image's refcounts may be stale, so they are rebuilt from the tables before anything
-    /// is allocated from them; the repair clears the dirty bit when it leaves nothing broken.
+    /// is allocated from them; the repair clears the dirty bit when it leaves nothing broken. It is the
+    /// format layer's check and repair (QCow2Check), the one `qnbd check -r all` runs.
     private static func repair(_ path: String, log: Logger) throws(ServerError) {
         log.warning("\(path): the dirty bit is set (lazy refcounts, unclean stop); repairing refcounts before serving")
-        let report = ImageChecker.check(path: path, repair: .all)
-        let result = report.final
-        guard report.failure == nil, result.corruptions == 0, !isDirty(path) else {
-            let why = report.failure ?? "\(result.corruptions) errors remain"
+        let outcome: CheckOutcome
+        do throws(QCow2Error) {
+            outcome = QCow2Check.run(file: try BlockingImageFile(path: path, writable: true), name: path, repair: .all)
+        } catch {
+            throw ServerError(error.text)
+        }
+        let result = outcome.final
+        guard outcome.failure == nil, result.corruptions == 0, !isDirty(path) else {
+            let why = outcome.failure ?? "\(result.corruptions) errors remain"
             throw ServerError("\(path): repairing the dirty image failed (\(why)); run `qemu-img check -r all` or serve it with --read-only")
         }
         log.warning("\(path): repaired \(result.corruptionsFixed) refcount errors and \(result.leaksFixed) leaks")
     }
 
+    /// The format from the file's first bytes (ImageProbe). Another format's signature is refused:
+    /// serving it as raw would expose the container instead of the disk in it.
     private static func detect(_ path: String) throws(ServerError) -> ServerConfiguration.ImageFormat {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw ServerError("cannot open \(path): \(String(cString: strerror(errno)))") }
-        defer { Glibc.close(fd) }
-        var magic = [UInt8](repeating: 0, count: 4)
-        let n = magic.withUnsafeMutableBytes { pread(fd, $0.baseAddress, 4, 0) }
-        return n == 4 && magic == qcow2Magic ? .qcow2 : .raw
+        let probed = try withLoader(path) { (loader, _) throws(QCow2Error) in try loader.probe() }
+        switch probed {
+        case .qcow2: return .qcow2
+        case .raw: return .raw
+        case .foreign(let name): throw ServerError(ImageProbe.refusal(path: path, format: name))
+        }
     }
 }
 

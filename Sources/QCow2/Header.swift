@@ -203,9 +203,10 @@ public struct Header: Equatable, Sendable {
         return h
     }
 
-    /// Checks everything that can be checked without reading further metadata. `fileSize` bounds the
-    /// tables; `writable` adds the checks that only matter when qnbd will write.
-    public func validate(fileSize: UInt64, writable: Bool) throws(QCow2Error) {
+    /// What qemu checks when it opens an image (qcow2_do_open), from the header alone. The tools refuse
+    /// exactly this (and accept the rest, so that `qnbd check` can diagnose it); serving adds
+    /// `validate(fileSize:writable:)`.
+    public func validateOpenable() throws(QCow2Error) {
         let cluster = clusterSize
         if cryptMethod != 0 {
             throw .unsupported("header", "encrypted images (crypt_method \(cryptMethod)) are not supported")
@@ -233,33 +234,67 @@ public struct Header: Equatable, Sendable {
         if extendedL2 && clusterBits < 14 {
             throw QCow2Error("header", "extended L2 entries need clusters of 16 KiB or more")
         }
-        guard size <= 1 << 62 else { throw QCow2Error("header", "virtual size \(size) is absurd") }
-        // L1: aligned, inside the file, big enough for the virtual size, and within qemu's 32 MiB limit.
+        // L1: within qemu's 32 MiB limit, aligned, and big enough for the virtual size.
+        guard UInt64(l1Size) * 8 <= QCow2Limits.l1Bytes else {
+            throw QCow2Error("L1 table", "\(l1Size) entries exceed 32 MiB")
+        }
+        // qemu (qcow2_validate_table) also refuses a table whose end would not fit in a signed 64-bit
+        // file offset; readers would overflow computing it.
+        func fitsInFile(_ offset: UInt64, _ bytes: UInt64) -> Bool { offset <= UInt64(Int64.max) - bytes }
+        guard l1TableOffset % cluster == 0 else {
+            throw QCow2Error("L1 table", "offset \(hex(l1TableOffset)) is not cluster aligned")
+        }
+        guard fitsInFile(l1TableOffset, UInt64(l1Size) * 8) else {
+            throw QCow2Error("L1 table", "offset \(hex(l1TableOffset)) lies beyond any file")
+        }
         let entryBytes: UInt64 = extendedL2 ? 16 : 8
         let coverage = cluster * (cluster / entryBytes)
-        let needed = (size + coverage - 1) / coverage
+        let needed = size / coverage + (size % coverage == 0 ? 0 : 1)
         guard UInt64(l1Size) >= needed else {
             throw QCow2Error("L1 table", "\(l1Size) entries cannot map a \(size)-byte disk (needs \(needed))")
         }
-        guard UInt64(l1Size) * 8 <= 32 << 20 else { throw QCow2Error("L1 table", "\(l1Size) entries exceed 32 MiB") }
-        guard l1TableOffset % cluster == 0, (l1Size == 0 || l1TableOffset != 0) else {
+        guard refcountTableClusters > 0, UInt64(refcountTableClusters) * cluster <= QCow2Limits.refcountTableBytes else {
+            throw QCow2Error("refcount table", "\(refcountTableClusters) clusters is outside 1 cluster ... 8 MiB")
+        }
+        guard refcountTableOffset % cluster == 0 else {
+            throw QCow2Error("refcount table", "offset \(hex(refcountTableOffset)) is not a cluster-aligned, non-zero offset")
+        }
+        guard fitsInFile(refcountTableOffset, UInt64(refcountTableClusters) * cluster) else {
+            throw QCow2Error("refcount table", "offset \(hex(refcountTableOffset)) lies beyond any file")
+        }
+        guard snapshotCount <= QCow2Limits.snapshots else {
+            throw QCow2Error("snapshot table", "\(snapshotCount) snapshots exceed qemu's limit of \(QCow2Limits.snapshots)")
+        }
+        if snapshotCount > 0 && !fitsInFile(snapshotsOffset, UInt64(snapshotCount) * 40) {
+            throw QCow2Error("snapshot table", "offset \(hex(snapshotsOffset)) lies beyond any file")
+        }
+        if snapshotCount > 0 && snapshotsOffset % cluster != 0 {
+            throw QCow2Error("snapshot table", "offset \(hex(snapshotsOffset)) is not cluster aligned")
+        }
+    }
+
+    /// Checks everything that can be checked without reading further metadata, before serving: qemu's
+    /// open checks, plus bounds against the file (`fileSize`) and overlaps, so that no table read or
+    /// write strays; `writable` adds the checks that only matter when qnbd will write.
+    public func validate(fileSize: UInt64, writable: Bool) throws(QCow2Error) {
+        try validateOpenable()
+        let cluster = clusterSize
+        guard size <= 1 << 62 else { throw QCow2Error("header", "virtual size \(size) is absurd") }
+        guard l1Size == 0 || l1TableOffset != 0 else {
             throw QCow2Error("L1 table", "offset \(hex(l1TableOffset)) is not cluster aligned")
         }
         guard l1TableOffset <= fileSize, UInt64(l1Size) * 8 <= fileSize - l1TableOffset else {
             throw QCow2Error("L1 table", "\(l1Size) entries at \(hex(l1TableOffset)) run past the end of the file (\(fileSize) bytes)")
         }
-        guard refcountTableOffset % cluster == 0, refcountTableOffset != 0 else {
+        guard refcountTableOffset != 0 else {
             throw QCow2Error("refcount table", "offset \(hex(refcountTableOffset)) is not a cluster-aligned, non-zero offset")
-        }
-        guard refcountTableClusters > 0, UInt64(refcountTableClusters) * cluster <= 8 << 20 else {
-            throw QCow2Error("refcount table", "\(refcountTableClusters) clusters is outside 1 cluster ... 8 MiB")
         }
         guard refcountTableOffset <= fileSize + cluster,
               UInt64(refcountTableClusters) * cluster <= fileSize + cluster - refcountTableOffset else {
             throw QCow2Error("refcount table", "at \(hex(refcountTableOffset)) runs past the end of the file")
         }
         if snapshotCount > 0 {
-            guard snapshotsOffset % cluster == 0, snapshotsOffset != 0, snapshotsOffset < fileSize else {
+            guard snapshotsOffset != 0, snapshotsOffset < fileSize else {
                 throw QCow2Error("snapshot table", "offset \(hex(snapshotsOffset)) invalid")
             }
         }

@@ -23,45 +23,101 @@ public enum SubclusterState: Equatable, Sendable {
     case compressed
 }
 
+/// qemu's cluster types (qcow2_get_cluster_type).
+public enum ClusterType: Equatable, Sendable {
+    case unallocated, zeroPlain, zeroAllocated, normal, compressed
+}
+
+/// qemu's subcluster types (qcow2_get_subcluster_type).
+public enum SubclusterType: Equatable, Sendable {
+    case unallocatedPlain, unallocatedAllocated, zeroPlain, zeroAllocated, normal, compressed, invalid
+}
+
 public enum L2Entry {
     public static let copied: UInt64 = 1 << 63
     public static let compressedFlag: UInt64 = 1 << 62
     public static let zeroFlag: UInt64 = 1
     public static let offsetMask: UInt64 = 0x00ff_ffff_ffff_fe00
-    static let standardReserved: UInt64 = 0x3f00_0000_0000_01fe
+    public static let standardReserved: UInt64 = 0x3f00_0000_0000_01fe
 
-    /// Decodes a standard (or the first word of an extended) L2 entry.
+    /// Decodes a standard (or the first word of an extended) L2 entry for serving: the cluster type
+    /// (`clusterType`, as qemu and `qnbd check` classify it) plus the rules a server must enforce.
     public static func decode(_ raw: UInt64, geometry: Geometry, index: Int) throws(QCow2Error) -> ClusterMapping {
-        if raw & compressedFlag != 0 {
-            let x = geometry.compressedOffsetBits
-            let host = raw & ((1 << UInt64(x)) - 1)
-            let sectors = (raw & ~copied & ~compressedFlag) >> UInt64(x)
+        switch clusterType(raw, extendedL2: geometry.extendedL2) {
+        case .compressed:
             guard raw & copied == 0 else {
                 throw QCow2Error("L2 entry \(index)", "compressed cluster with the COPIED flag set")
             }
-            let length = Int((sectors + 1) * 512 - (host & 511))
+            let (host, length) = compressedExtent(raw, geometry: geometry)
             guard host != 0, length > 0 else { throw QCow2Error("L2 entry \(index)", "compressed descriptor \(hex(raw)) invalid") }
-            return .compressed(host: host, byteCount: length)
-        }
-        let reserved = geometry.extendedL2 ? (standardReserved | zeroFlag) : standardReserved
-        guard raw & reserved == 0 else {
-            throw QCow2Error("L2 entry \(index)", "reserved bits set in \(hex(raw))")
-        }
-        let host = raw & offsetMask
-        let isCopied = raw & copied != 0
-        guard host & (geometry.clusterSize - 1) == 0 else {
-            throw QCow2Error("L2 entry \(index)", "host offset \(hex(host)) is not cluster aligned")
-        }
-        if raw & zeroFlag != 0 {
-            return host == 0 ? .zero : .zeroAllocated(host: host, copied: isCopied)
-        }
-        if host == 0 {
-            guard !isCopied else {
-                throw QCow2Error("L2 entry \(index)", "COPIED set on an unallocated cluster (external data files are not supported)")
+            return .compressed(host: host, byteCount: Int(length))
+        case let type:
+            let reserved = geometry.extendedL2 ? (standardReserved | zeroFlag) : standardReserved
+            guard raw & reserved == 0 else {
+                throw QCow2Error("L2 entry \(index)", "reserved bits set in \(hex(raw))")
             }
-            return .unallocated
+            let host = raw & offsetMask
+            let isCopied = raw & copied != 0
+            guard host & (geometry.clusterSize - 1) == 0 else {
+                throw QCow2Error("L2 entry \(index)", "host offset \(hex(host)) is not cluster aligned")
+            }
+            switch type {
+            case .zeroPlain: return .zero
+            case .zeroAllocated: return .zeroAllocated(host: host, copied: isCopied)
+            case .normal: return .normal(host: host, copied: isCopied)
+            // COPIED without a host offset means nothing without an external data file (which qnbd
+            // refuses at open); qemu reads such a cluster as unallocated and `qemu-img check` accepts it.
+            case .unallocated, .compressed: return .unallocated
+            }
         }
-        return .normal(host: host, copied: isCopied)
+    }
+
+    /// qemu's qcow2_get_cluster_type: the one classification of an L2 entry, shared by serving,
+    /// `qnbd check` and `qnbd map`. It looks only at the flags and the offset; what is invalid about
+    /// an entry (reserved bits, misalignment) each user reports in its own terms.
+    public static func clusterType(_ raw: UInt64, extendedL2: Bool) -> ClusterType {
+        if raw & compressedFlag != 0 { return .compressed }
+        if raw & zeroFlag != 0 && !extendedL2 {
+            return raw & offsetMask != 0 ? .zeroAllocated : .zeroPlain
+        }
+        return raw & offsetMask == 0 ? .unallocated : .normal
+    }
+
+    /// qemu's qcow2_get_subcluster_type; without extended L2 a cluster is one subcluster.
+    public static func subclusterType(_ raw: UInt64, bitmap: UInt64, index: Int, extendedL2: Bool) -> SubclusterType {
+        let type = clusterType(raw, extendedL2: extendedL2)
+        guard extendedL2 else {
+            switch type {
+            case .compressed: return .compressed
+            case .zeroPlain: return .zeroPlain
+            case .zeroAllocated: return .zeroAllocated
+            case .normal: return .normal
+            case .unallocated: return .unallocatedPlain
+            }
+        }
+        switch type {
+        case .compressed: return .compressed
+        case .normal:
+            if (bitmap >> 32) & bitmap != 0 { return .invalid }
+            if bitmap & (1 << UInt64(32 + index)) != 0 { return .zeroAllocated }
+            if bitmap & (1 << UInt64(index)) != 0 { return .normal }
+            return .unallocatedAllocated
+        case .unallocated:
+            if bitmap & allAllocated != 0 { return .invalid }
+            return bitmap & (1 << UInt64(32 + index)) != 0 ? .zeroPlain : .unallocatedPlain
+        case .zeroPlain, .zeroAllocated:
+            return .invalid   // not produced with extended L2: bit 0 is not a zero flag there
+        }
+    }
+
+    /// The host bytes of a compressed cluster (qcow2_parse_compressed_l2_entry): bits 0..x-1 hold the
+    /// byte offset, bits x..61 the count of 512-byte sectors beyond the one holding that offset.
+    public static func compressedExtent(_ raw: UInt64, geometry: Geometry) -> (host: UInt64, byteCount: UInt64) {
+        let shift = UInt64(geometry.compressedOffsetBits)
+        let host = raw & ((1 << shift) - 1)
+        let sectorMask: UInt64 = (1 << UInt64(geometry.clusterBits - 8)) - 1
+        let sectors = ((raw >> shift) & sectorMask) + 1
+        return (host, sectors * 512 - (host & 511))
     }
 
     /// The state of subcluster `sub` of an extended-L2 entry.
@@ -95,7 +151,7 @@ public enum L2Entry {
 
 public enum L1Entry {
     public static let offsetMask: UInt64 = 0x00ff_ffff_ffff_fe00
-    static let reserved: UInt64 = 0x7f00_0000_0000_01ff
+    public static let reserved: UInt64 = 0x7f00_0000_0000_01ff
 
     /// The L2 table offset (0 = none) and its COPIED flag.
     public static func decode(_ raw: UInt64, geometry: Geometry, index: Int) throws(QCow2Error) -> (offset: UInt64, copied: Bool) {

@@ -21,5 +21,22 @@ public struct QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     public var description: String { "qcow2 \(structure): \(message)" }
 }
 
-@inline(__always)
-func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+/// How `hex` spells a number. The tools copy qemu's messages, which use two printf styles.
+public enum HexStyle: Sendable {
+    /// "0x1f000" (and "0x0"): qnbd's own messages.
+    case prefixed
+    /// "1f000": qemu's PRIx64.
+    case bare
+    /// "0x1f000", but "0" for zero: qemu's %#x.
+    case alternate
+}
+
+/// Lower-case hexadecimal, the one spelling of offsets and entries in every message.
+public func hex(_ value: UInt64, _ style: HexStyle = .prefixed) -> String {
+    let digits = String(value, radix: 16)
+    switch style {
+    case .prefixed: return "0x" + digits
+    case .bare: return digits
+    case .alternate: return value == 0 ? "0" : "0x" + digits
+    }
+}

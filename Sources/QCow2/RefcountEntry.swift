@@ -31,3 +31,9 @@ public enum RefcountEntry {
         }
     }
 }
+
+/// Refcount table entries: the offset of a refcount block (0: none yet) and bits qemu reserves.
+public enum RefcountTableEntry {
+    public static let offsetMask: UInt64 = 0xffff_ffff_ffff_fe00
+    public static let reserved: UInt64 = 0x1ff
+}

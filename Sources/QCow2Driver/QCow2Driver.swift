@@ -57,13 +57,12 @@ public final class QCow2Driver: BlockDevice {
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw BlockError(errno: errno, message: "cannot stat \(path)") }
         let fileSize = UInt64(st.st_size)
-        // Metadata is read synchronously here: opening happens before the loop serves anyone.
-        let prefix = try Self.preadAll(fd, count: 104, offset: 0, path: path)
-        let clusterBytes = Header.bytesNeeded(prefix: prefix)
-        let first = clusterBytes > 0 ? try Self.preadAll(fd, count: min(clusterBytes, Int(fileSize)), offset: 0, path: path) : prefix
+        // Metadata is read synchronously here, through the format layer's loader: opening happens
+        // before the loop serves anyone.
+        let loader = Self.loader(fd, path: path)
         let header: Header
         do {
-            header = try Header.parse(first)
+            header = try loader.header(fileSize: fileSize)
             try header.validate(fileSize: fileSize, writable: writable)
         } catch {
             throw BlockError(errno: EINVAL, message: "\(path): \(error)")
@@ -72,8 +71,12 @@ public final class QCow2Driver: BlockDevice {
             throw BlockError(errno: EINVAL, message: "\(path): qcow2 header: the dirty bit is set (lazy refcounts after a crash); "
                 + "repair it with `qemu-img check -r all` or serve it with --read-only")
         }
-        let l1Bytes = try Self.preadAll(fd, count: Int(header.l1Size) * 8, offset: header.l1TableOffset, path: path)
-        let l1 = (0..<Int(header.l1Size)).map { l1Bytes.be64At($0 * 8) }
+        let l1: [UInt64]
+        do {
+            l1 = try loader.l1Table(header)
+        } catch {
+            throw BlockError(errno: EIO, message: error.text)
+        }
 
         var backing: BlockDevice?
         if let name = header.backingFileName {
@@ -86,7 +89,7 @@ public final class QCow2Driver: BlockDevice {
                 throw BlockError(errno: ELOOP, message: "\(path): backing chain loops back to \(resolved)")
             }
             seen.insert(key)
-            let format = header.backingFormat ?? (Self.looksLikeQCow2(resolved) ? "qcow2" : "raw")
+            let format = header.backingFormat ?? Self.probedFormat(resolved)
             switch format {
             case "qcow2":
                 backing = try QCow2Driver(path: resolved, writable: false, io: io, cacheBytes: cacheBytes, depth: depth + 1,
@@ -284,27 +287,28 @@ public final class QCow2Driver: BlockDevice {
         return bytes
     }
 
+    /// The format layer's metadata loader over `fd`.
+    private static func loader(_ fd: Int32, path: String) -> MetadataLoader {
+        MetadataLoader { (offset, count) throws(QCow2Error) in
+            do throws(BlockError) { return try preadAll(fd, count: count, offset: offset, path: path) } catch {
+                throw .io("\(path): \(error.message ?? "read failed (errno \(error.errno))")")
+            }
+        }
+    }
+
     /// Reads the refcount table and every refcount block it names (writable opens only).
     private static func loadRefcounts(_ fd: Int32, header: Header, fileSize: UInt64,
                                       path: String) throws(BlockError) -> ([UInt64], [Int: [UInt8]]) {
-        let cluster = Int(header.clusterSize)
-        let tableBytes = try preadAll(fd, count: Int(header.refcountTableClusters) * cluster,
-                                      offset: header.refcountTableOffset, path: path)
-        let table = (0..<(tableBytes.count / 8)).map { tableBytes.be64At($0 * 8) }
-        let used = table.filter { $0 != 0 }.count
-        guard used * cluster <= maximumRefcountBytes else {
-            throw BlockError(errno: EFBIG, message: "\(path): \(used * cluster) bytes of refcount blocks exceed the "
-                + "\(maximumRefcountBytes >> 20) MiB qnbd loads for writing; serve it with --read-only")
+        let loader = loader(fd, path: path)
+        do {
+            let table = try loader.refcountTable(header)
+            let blocks = try loader.refcountBlocks(table: table, geometry: Geometry(header: header), fileSize: fileSize,
+                                                   maximumBytes: maximumRefcountBytes)
+            return (table, blocks)
+        } catch {
+            let code = error.structure == "file" ? EIO : error.corrupt ? EINVAL : EFBIG
+            throw BlockError(errno: code, message: "\(path): \(error.text)")
         }
-        var blocks: [Int: [UInt8]] = [:]
-        for (i, offset) in table.enumerated() where offset != 0 {
-            guard offset & 511 == 0, offset % UInt64(cluster) == 0, offset < fileSize else {
-                throw BlockError(errno: EINVAL, message: "\(path): qcow2 refcount table entry \(i): block offset "
-                    + "0x\(String(offset, radix: 16)) is not a cluster inside the file")
-            }
-            blocks[i] = try preadAll(fd, count: cluster, offset: offset, path: path)
-        }
-        return (table, blocks)
     }
 
     /// qnbd maintains no autoclear feature (bitmaps included), so their bits are cleared before the
@@ -323,12 +327,16 @@ public final class QCow2Driver: BlockDevice {
         return "\(st.st_dev):\(st.st_ino)"
     }
 
-    private static func looksLikeQCow2(_ path: String) -> Bool {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return false }
-        defer { Glibc.close(fd) }
-        var magic: UInt32 = 0
-        return pread(fd, &magic, 4, 0) == 4 && UInt32(bigEndian: magic) == Header.magic
+    /// A backing file's format from its first bytes, by qemu's name: another format's signature is not
+    /// taken for raw (the backing format check below refuses it).
+    private static func probedFormat(_ path: String) -> String {
+        guard let file = try? BlockingImageFile(path: path, writable: false),
+              let probed = try? MetadataLoader(file: file).probe() else { return "raw" }
+        switch probed {
+        case .qcow2: return "qcow2"
+        case .raw: return "raw"
+        case .foreign(let name): return name
+        }
     }
 }
 
@@ -402,13 +410,5 @@ private struct CallerTable {
         entries[i] = nil
         free.append(i)
         return caller
-    }
-}
-
-private extension Array where Element == UInt8 {
-    func be64At(_ at: Int) -> UInt64 {
-        var v: UInt64 = 0
-        for i in 0..<8 { v = v << 8 | UInt64(self[at + i]) }
-        return v
     }
 }

@@ -98,7 +98,7 @@ public struct CreateLayout: Equatable, Sendable {
         let entryBytes: UInt64 = extendedL2 ? 16 : 8
         let l2Coverage = cs * (cs / entryBytes)
         let l1Entries = (virtualSize + l2Coverage - 1) / l2Coverage
-        guard l1Entries * 8 <= QCow2Limit.l1Bytes else {
+        guard l1Entries * 8 <= QCow2Limits.l1Bytes else {
             throw ToolError("a \(virtualSize)-byte disk needs an L1 table larger than 32 MiB (use bigger clusters)")
         }
         let l1Clusters = (l1Entries * 8 + cs - 1) / cs
@@ -117,7 +117,7 @@ public struct CreateLayout: Equatable, Sendable {
             refblocks = max(refblocks, neededBlocks)
             reftableClusters = max(reftableClusters, neededTable)
         }
-        guard reftableClusters * cs <= QCow2Limit.reftableBytes else {
+        guard reftableClusters * cs <= QCow2Limits.refcountTableBytes else {
             throw ToolError("the image would need a refcount table larger than 8 MiB (use bigger clusters)")
         }
         // qemu's order: header, refcount table, first refcount block, L1; then what preallocation adds;
@@ -248,7 +248,7 @@ public enum ImageCreator {
         try storage.write(try header(options: options, layout: layout), at: 0)
         // Refcount table: one entry per refcount block.
         var reftable = [UInt8](repeating: 0, count: Int(layout.reftableClusters) * Int(cs))
-        for (i, offset) in layout.refblockOffsets.enumerated() { reftable.putBE64(offset, at: i * 8) }
+        for (i, offset) in layout.refblockOffsets.enumerated() { reftable.setBE64(offset, at: i * 8) }
         try storage.write(reftable, at: layout.reftableOffset)
         // Refcount blocks: clusters 0 ..< clusterCount have refcount 1, everything else 0.
         let order = options.refcountBits.trailingZeroBitCount
@@ -269,7 +269,7 @@ public enum ImageCreator {
         // L1 (only up to its last entry, as qemu writes it) and, preallocated, the L2 tables.
         if layout.l1Size > 0 {
             var l1 = [UInt8](repeating: 0, count: Int(layout.l1Size) * 8)
-            for (i, l2) in layout.l2Offsets.enumerated() { l1.putBE64(l2 | QCow2Mask.copied, at: i * 8) }
+            for (i, l2) in layout.l2Offsets.enumerated() { l1.setBE64(l2 | L2Entry.copied, at: i * 8) }
             try storage.write(l1, at: layout.l1Offset)
         }
         let entryWords = options.extendedL2 ? 2 : 1
@@ -282,7 +282,7 @@ public enum ImageCreator {
                 let host = layout.dataOffset + (firstGuest + j) * cs
                 // Extended L2: the subcluster bitmap stays 0 (allocated cluster, unallocated subclusters),
                 // which is what qemu's metadata preallocation leaves.
-                block.putBE64(host | QCow2Mask.copied, at: Int(j) * 8 * entryWords)
+                block.setBE64(host | L2Entry.copied, at: Int(j) * 8 * entryWords)
             }
             try storage.write(block, at: l2)
         }
@@ -345,7 +345,7 @@ public enum ImageCreator {
             throw ToolError("could not open backing file '\(full)': \(error.message)")
         }
         defer { storage.close() }
-        let detected = try probeFormat(storage)
+        let detected = probedFormat(storage)
         if options.backingFormat == nil {
             guard detected == .qcow2 else {
                 throw ToolError("backing file '\(full)' is not qcow2; say what it is with --backing-format (raw or qcow2)")
@@ -359,7 +359,7 @@ public enum ImageCreator {
             switch options.backingFormat! {
             case .qcow2:
                 // qemu sees a qcow2 disk in whole sectors (the header size rounded down).
-                options.size = try QCow2Image(storage: storage, name: full).header.size & ~511
+                options.size = try ImageMetadata.open(storage, name: full, validate: false).header.size & ~511
             case .raw:
                 options.size = (try storage.length() + 511) & ~511
             }

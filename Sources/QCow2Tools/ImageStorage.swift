@@ -77,6 +77,9 @@ public final class FileStorage: ImageStorage {
     }
 
     public func read(at offset: UInt64, count: Int) throws(ToolError) -> [UInt8] {
+        guard offset <= UInt64(Int64.max) - UInt64(count) else {
+            throw ToolError("\(path): read of \(count) bytes at \(offset) is beyond any file")
+        }
         var out = [UInt8](repeating: 0, count: count)
         var done = 0
         while done < count {
@@ -94,6 +97,9 @@ public final class FileStorage: ImageStorage {
     }
 
     public func write(_ bytes: [UInt8], at offset: UInt64) throws(ToolError) {
+        guard offset <= UInt64(Int64.max) - UInt64(bytes.count) else {
+            throw ToolError("\(path): write of \(bytes.count) bytes at \(offset) is beyond any file")
+        }
         var done = 0
         while done < bytes.count {
             let n = bytes.withUnsafeBytes { buffer in

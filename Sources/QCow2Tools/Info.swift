@@ -38,8 +38,9 @@ public struct ImageInfo: Equatable, Sendable {
     public static func read(path: String, format: ImageFormat? = nil) throws(ToolError) -> ImageInfo {
         let storage = try FileStorage(path: path, mode: .readOnly)
         defer { storage.close() }
-        let detected = try probeFormat(storage)
-        let chosen = format ?? detected
+        let detected = probedFormat(storage)
+        let chosen: ImageFormat
+        if let format { chosen = format } else { chosen = try probeFormat(storage, name: path) }
         var info = ImageInfo(
             filename: path, format: chosen, virtualSize: 0, actualSize: try storage.allocatedBytes(),
             clusterSize: nil, dirty: false, encrypted: false, backingFilename: nil, fullBackingFilename: nil,
@@ -49,8 +50,7 @@ public struct ImageInfo: Equatable, Sendable {
             return info
         }
         guard detected == .qcow2 else { throw ToolError("'\(path)' is not a qcow2 image") }
-        let image = try QCow2Image(storage: storage, name: path)
-        try image.validateForOpen(name: path)
+        let image = try ImageMetadata.open(storage, name: path)
         let h = image.header
         info.virtualSize = h.size & ~511   // qemu counts whole sectors
         info.clusterSize = image.clusterSize
@@ -61,12 +61,12 @@ public struct ImageInfo: Equatable, Sendable {
             info.fullBackingFilename = resolveBackingPath(name, relativeTo: path)
             info.backingFormat = h.backingFormat
         }
-        info.snapshots = try image.snapshots().entries
+        info.snapshots = try tool { () throws(QCow2Error) in try image.snapshots().entries }
         let v3 = h.version >= 3
         info.qcow2 = QCow2Details(
             compat: v3 ? "1.1" : "0.10", compressionType: h.compressionType == 1 ? "zstd" : "zlib",
             refcountBits: image.geometry.refcountBits, lazyRefcounts: v3 ? h.lazyRefcounts : nil,
-            corrupt: v3 ? h.isCorrupt : nil, extendedL2: v3 ? h.extendedL2 : nil, bitmaps: try image.bitmaps())
+            corrupt: v3 ? h.isCorrupt : nil, extendedL2: v3 ? h.extendedL2 : nil, bitmaps: try tool { () throws(QCow2Error) in try image.bitmaps() })
         return info
     }
 

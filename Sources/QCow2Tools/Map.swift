@@ -65,7 +65,7 @@ final class ChainLayer {
     let name: String
     let format: ImageFormat
     let storage: FileStorage
-    let qcow2: QCow2Image?
+    let qcow2: ImageMetadata?
     /// The disk size the block layer sees (whole 512-byte sectors).
     let length: UInt64
     /// The active L1 table (at most 32 MiB), read once.
@@ -76,17 +76,17 @@ final class ChainLayer {
     init(name: String, format: ImageFormat?) throws(ToolError) {
         self.name = name
         storage = try FileStorage(path: name, mode: .readOnly)
-        let detected = try probeFormat(storage)
-        let chosen = format ?? detected
+        let detected = probedFormat(storage)
+        let chosen: ImageFormat
+        if let format { chosen = format } else { chosen = try probeFormat(storage, name: name) }
         self.format = chosen
         if chosen == .qcow2 {
             guard detected == .qcow2 else { throw ToolError("'\(name)' is not a qcow2 image") }
-            let image = try QCow2Image(storage: storage, name: name)
-            try image.validateForOpen(name: name)
+            let image = try ImageMetadata.open(storage, name: name)
             qcow2 = image
             // qcow2's total_sectors is the header size rounded down to sectors.
             length = image.header.size & ~511
-            l1 = try image.l1Table()
+            l1 = try tool { () throws(QCow2Error) in try image.l1Table() }
         } else {
             qcow2 = nil
             l1 = []
@@ -135,17 +135,17 @@ final class ChainLayer {
     }
 
     /// qcow2_co_block_status over one run of equal subclusters (never past the L2 table).
-    private func qcow2Status(_ image: QCow2Image, offset: UInt64, bytes: UInt64) throws(ToolError) -> LayerStatus {
+    private func qcow2Status(_ image: ImageMetadata, offset: UInt64, bytes: UInt64) throws(ToolError) -> LayerStatus {
         let g = image.geometry
         let l1Index = g.l1Index(offset)
         let tableEnd = (offset / g.l2Coverage + 1) * g.l2Coverage
         let limit = min(offset + bytes, tableEnd)
-        let l2Offset = l1Index < l1.count ? l1[l1Index] & QCow2Mask.l1Offset : 0
+        let l2Offset = l1Index < l1.count ? l1[l1Index] & L1Entry.offsetMask : 0
         if l2Offset == 0 {
             return LayerStatus(length: limit - offset)
         }
         guard l2Offset % g.clusterSize == 0 else {
-            throw ToolError("Could not read file metadata: L2 table offset \(hexString(l2Offset)) unaligned (L1 index \(l1Index))")
+            throw ToolError("Could not read file metadata: L2 table offset \(hex(l2Offset, .alternate)) unaligned (L1 index \(l1Index))")
         }
         let table = try l2Table(image, at: l2Offset)
         let step = g.extendedL2 ? 2 : 1
@@ -157,11 +157,11 @@ final class ChainLayer {
             let type = image.subclusterType(entry, bitmap: bitmap, index: sub)
             switch type {
             case .invalid:
-                throw ToolError("Could not read file metadata: invalid cluster entry \(hexString(entry)) at guest offset \(position)")
+                throw ToolError("Could not read file metadata: invalid cluster entry \(hex(entry, .alternate)) at guest offset \(position)")
             case .normal, .zeroAllocated, .unallocatedAllocated:
-                let host = entry & QCow2Mask.l2Offset
+                let host = entry & L2Entry.offsetMask
                 guard host % g.clusterSize == 0 else {
-                    throw ToolError("Could not read file metadata: cluster allocation offset \(hexString(host)) unaligned")
+                    throw ToolError("Could not read file metadata: cluster allocation offset \(hex(host, .alternate)) unaligned")
                 }
                 return (type, host + g.offsetInCluster(position))
             default:
@@ -190,10 +190,10 @@ final class ChainLayer {
         return status
     }
 
-    private func l2Table(_ image: QCow2Image, at offset: UInt64) throws(ToolError) -> [UInt64] {
+    private func l2Table(_ image: ImageMetadata, at offset: UInt64) throws(ToolError) -> [UInt64] {
         if let table = l2Cache[offset] { return table }
         if l2Cache.count > 256 { l2Cache.removeAll(keepingCapacity: true) }
-        let table = try image.l2Table(at: offset)
+        let table = try tool { () throws(QCow2Error) in try image.l2Table(at: offset) }
         l2Cache[offset] = table
         return table
     }

@@ -58,7 +58,9 @@ public final class RawDriver: BlockDevice {
             }
             size = UInt64(bytes)
         } else if kind == S_IFREG {
-            size = UInt64(st.st_size)
+            // Whole 512-byte sectors, as qemu-nbd and qemu-img info (and so `qnbd info`) see a raw file;
+            // the tail past the end of the file reads as zeros.
+            size = (UInt64(st.st_size) + 511) & ~511
         } else {
             Glibc.close(fd)
             throw BlockError(errno: EINVAL, message: "\(path) is neither a regular file nor a block device")

@@ -1,6 +1,7 @@
 // `qnbd check`: qcow2 consistency check and repair, with qemu-img check's findings and exit codes.
 
 import ArgumentParser
+import QCow2
 import QCow2Tools
 
 struct CheckCommand: ParsableCommand {

@@ -109,8 +109,32 @@ struct EntryDecodeTests {
         #expect(try L2Entry.decode(0x5_0200, geometry: geometry(clusterBits: 9), index: 0) == .normal(host: 0x5_0200, copied: false))
     }
 
-    @Test func copiedWithoutHostCluster() {
-        expectQCow2Error("L2 entry 9", ["COPIED"]) { _ = try L2Entry.decode(L2Entry.copied, geometry: g64, index: 9) }
+    /// Without an external data file, COPIED on an entry with no host offset means nothing: qemu reads
+    /// the cluster as unallocated and `qemu-img check` calls the image clean, so serving and `qnbd check`
+    /// (which both classify through `clusterType`) take it as unallocated too.
+    @Test func copiedWithoutHostClusterIsUnallocated() throws {
+        #expect(L2Entry.clusterType(L2Entry.copied, extendedL2: false) == .unallocated)
+        #expect(L2Entry.clusterType(L2Entry.copied, extendedL2: true) == .unallocated)
+        #expect(try L2Entry.decode(L2Entry.copied, geometry: g64, index: 9) == .unallocated)
+    }
+
+    /// One classification for serving and the tools: every flag combination decodes to the mapping
+    /// its qemu cluster type names.
+    @Test func decodeAgreesWithClusterType() throws {
+        let host: UInt64 = 0x5_0000
+        let cases: [(UInt64, ClusterType, ClusterMapping)] = [
+            (0, .unallocated, .unallocated),
+            (L2Entry.copied, .unallocated, .unallocated),
+            (L2Entry.zeroFlag, .zeroPlain, .zero),
+            (host | L2Entry.zeroFlag, .zeroAllocated, .zeroAllocated(host: host, copied: false)),
+            (host | L2Entry.copied | L2Entry.zeroFlag, .zeroAllocated, .zeroAllocated(host: host, copied: true)),
+            (host, .normal, .normal(host: host, copied: false)),
+            (host | L2Entry.copied, .normal, .normal(host: host, copied: true)),
+        ]
+        for (raw, type, mapping) in cases {
+            #expect(L2Entry.clusterType(raw, extendedL2: false) == type)
+            #expect(try L2Entry.decode(raw, geometry: g64, index: 0) == mapping)
+        }
     }
 
     @Test(arguments: [UInt32(9), 10, 12, 16, 20, 21])

@@ -231,6 +231,21 @@ struct HeaderCorruptionTests {
         expectQCow2Error("L1 table", ["not cluster aligned"]) { try h.validate(fileSize: fileSize, writable: false) }
     }
 
+    /// qemu refuses a table whose end does not fit a signed 64-bit offset; before, `qnbd check` trapped
+    /// reading such an L1 or refcount table (fuzz corpus: regress-*-offset-overflow).
+    @Test func tablesBeyondAnyFileAreRefusedAtOpen() {
+        var h = goodHeader()
+        h.l1TableOffset = 0xffff_ffff_ffff_fe00 & ~(h.clusterSize - 1)
+        expectQCow2Error("L1 table", ["beyond any file"]) { try h.validateOpenable() }
+        h = goodHeader()
+        h.refcountTableOffset = 0xffff_ffff_ffff_0000
+        expectQCow2Error("refcount table", ["beyond any file"]) { try h.validateOpenable() }
+        h = goodHeader()
+        h.snapshotCount = 1
+        h.snapshotsOffset = 0xffff_ffff_ffff_0000
+        expectQCow2Error("snapshot table", ["beyond any file"]) { try h.validateOpenable() }
+    }
+
     @Test func l1OverlapsHeader() {
         var h = goodHeader()
         h.l1TableOffset = 0

@@ -43,7 +43,7 @@ import Testing
         // The refcount itself, and the COPIED flag that now disagrees with it.
         #expect(findings(report) == [
             "ERROR cluster \(host / 4096) refcount=0 reference=1",
-            "ERROR OFLAG_COPIED data cluster: l2_entry=\(String(host | QCow2Mask.copied, radix: 16)) refcount=0",
+            "ERROR OFLAG_COPIED data cluster: l2_entry=\(String(host | L2Entry.copied, radix: 16)) refcount=0",
         ])
         #expect(report.final.corruptions == 2)
     }
@@ -52,7 +52,7 @@ import Testing
         let image = try MemoryImage()
         image.allocate(0)
         // A data cluster pointing at the L1 table: two references to a cluster with refcount 1.
-        image.setU64(image.l2EntryOffset(8192), image.layout.l1Offset | QCow2Mask.copied)
+        image.setU64(image.l2EntryOffset(8192), image.layout.l1Offset | L2Entry.copied)
         let report = image.check()
         #expect(report.exitCode == 2)
         let cluster = image.layout.l1Offset / 4096
@@ -63,7 +63,7 @@ import Testing
     @Test func offsetPastTheEndOfTheFile() throws {
         let image = try MemoryImage()
         image.allocate(0)
-        image.setU64(image.l2EntryOffset(4096), (1 << 30) | QCow2Mask.copied)
+        image.setU64(image.l2EntryOffset(4096), (1 << 30) | L2Entry.copied)
         let report = image.check()
         #expect(report.exitCode == 2)
         #expect(report.diagnostics.contains(
@@ -74,7 +74,7 @@ import Testing
     @Test func misalignedDataCluster() throws {
         let image = try MemoryImage()
         let host = image.allocate(0)
-        image.setU64(image.l2EntryOffset(0), (host + 512) | QCow2Mask.copied)
+        image.setU64(image.l2EntryOffset(0), (host + 512) | L2Entry.copied)
         let report = image.check()
         #expect(report.exitCode == 2)
         #expect(report.diagnostics.contains(
@@ -84,7 +84,7 @@ import Testing
     @Test func reservedBits() throws {
         let image = try MemoryImage()
         let host = image.allocate(0)
-        image.setU64(image.l2EntryOffset(0), host | QCow2Mask.copied | 0x100)
+        image.setU64(image.l2EntryOffset(0), host | L2Entry.copied | 0x100)
         let l1 = image.u64(image.layout.l1Offset)
         image.setU64(image.layout.l1Offset, l1 | 0x1)
         let report = image.check()
@@ -92,7 +92,7 @@ import Testing
         #expect(report.final.corruptions == 2)
         #expect(report.diagnostics.contains("ERROR found L1 entry with reserved bits set: \(String(l1 | 1, radix: 16))"))
         #expect(report.diagnostics.contains(
-            "ERROR found l2 entry with reserved bits set: \(String(host | QCow2Mask.copied | 0x100, radix: 16))"))
+            "ERROR found l2 entry with reserved bits set: \(String(host | L2Entry.copied | 0x100, radix: 16))"))
     }
 
     @Test func copiedFlagMismatch() throws {
@@ -112,7 +112,7 @@ import Testing
         // 4 KiB clusters: offset bits 0..57, sector count above. Starts 1 KiB before the end of `a` and
         // runs 4 sectors: into the next cluster.
         let start = a + 3072
-        let entry = QCow2Mask.compressed | (UInt64(3) << 58) | start
+        let entry = L2Entry.compressedFlag | (UInt64(3) << 58) | start
         image.setU64(image.l2EntryOffset(8192), entry)
         image.setRefcount(a / 4096, 1)
         image.setRefcount(a / 4096 + 1, 1)
@@ -126,7 +126,7 @@ import Testing
         #expect(findings(report) == ["ERROR cluster \(a / 4096 + 1) refcount=0 reference=1"])
         // COPIED is never valid on a compressed entry.
         image.setRefcount(a / 4096 + 1, 1)
-        image.setU64(image.l2EntryOffset(8192), entry | QCow2Mask.copied)
+        image.setU64(image.l2EntryOffset(8192), entry | L2Entry.copied)
         report = image.check()
         #expect(report.exitCode == 2)
         #expect(report.final.corruptions == 1)
@@ -213,11 +213,11 @@ import Testing
         let host = image.allocate(0)
         image.setU64(image.l2EntryOffset(0), host)
         let l1 = image.u64(image.layout.l1Offset)
-        image.setU64(image.layout.l1Offset, l1 & ~QCow2Mask.copied)
+        image.setU64(image.layout.l1Offset, l1 & ~L2Entry.copied)
         let report = image.check(repair: .all)
         #expect(report.exitCode == 0)
         #expect(report.first.corruptionsFixed == 2)
-        #expect(image.u64(image.l2EntryOffset(0)) == host | QCow2Mask.copied)
+        #expect(image.u64(image.l2EntryOffset(0)) == host | L2Entry.copied)
         #expect(image.u64(image.layout.l1Offset) == l1)
     }
 

@@ -29,11 +29,11 @@ struct MemoryImage {
         try ImageCreator.writeQCow2(options: o, layout: layout, to: storage)
     }
 
-    func u64(_ offset: UInt64) -> UInt64 { storage.read(at: offset, count: 8).readBE64(0) }
+    func u64(_ offset: UInt64) -> UInt64 { storage.read(at: offset, count: 8).be64(0) }
 
     func setU64(_ offset: UInt64, _ value: UInt64) {
         var bytes = [UInt8](repeating: 0, count: 8)
-        bytes.putBE64(value, at: 0)
+        bytes.setBE64(value, at: 0)
         storage.write(bytes, at: offset)
     }
 
@@ -72,11 +72,11 @@ struct MemoryImage {
         let entryBytes: UInt64 = options.extendedL2 ? 16 : 8
         let perTable = cs / entryBytes
         let l1Index = guest / (cs * perTable)
-        var l2 = u64(layout.l1Offset + l1Index * 8) & QCow2Mask.l1Offset
+        var l2 = u64(layout.l1Offset + l1Index * 8) & L1Entry.offsetMask
         if l2 == 0 {
             l2 = appendCluster()
             setRefcount(l2 / cs, 1)
-            setU64(layout.l1Offset + l1Index * 8, l2 | QCow2Mask.copied)
+            setU64(layout.l1Offset + l1Index * 8, l2 | L2Entry.copied)
         }
         return l2 + (guest / cs % perTable) * entryBytes
     }
@@ -87,7 +87,7 @@ struct MemoryImage {
         let entry = l2EntryOffset(guest)
         let host = appendCluster()
         setRefcount(host / cs, 1)
-        setU64(entry, host | QCow2Mask.copied)
+        setU64(entry, host | L2Entry.copied)
         return host
     }
 

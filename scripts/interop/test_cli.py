@@ -1,6 +1,7 @@
 # Command line and process behaviour of `qnbd serve`: start-up errors, busy socket/port, pid file,
 # connection cap, persistence across clients, graceful SIGTERM/SIGINT with writes in flight.
 # Run alone: /usr/bin/python3 -m unittest -v scripts/interop/test_cli.py
+import json
 import os
 import random
 import signal
@@ -74,6 +75,35 @@ class CliErrorTests(T.QnbdTestCase):
                 self.assertNotEqual(p.returncode, 0, "accepted %r" % args)
                 self.assertTrue(error_lines(p), "no error message for %r" % args)
                 self.assertFalse(os.path.exists(pid))
+
+    def test_foreign_formats_refused_without_format(self):
+        # A VHD, VHDX, VMDK, VDI or Parallels file served with the format detected would go out as the
+        # container's raw bytes; qnbd names the format and the two ways out instead. `-f raw` serves it.
+        for fmt in ("vpc", "vhdx", "vmdk", "vdi", "parallels"):
+            with self.subTest(fmt=fmt):
+                img = os.path.join(self.dir, "disk." + fmt)
+                T.run(["qemu-img", "create", "-q", "-f", fmt, img, "16M"], timeout=60)
+                sock = os.path.join(self.dir, "s-" + fmt)
+                p = run_qnbd(["serve", "-r", img, "--socket", sock])
+                self.assertOneLineError(p, fmt + " image", img)
+                for needed in (fmt, "-f raw", "qemu-img convert"):
+                    self.assertIn(needed, error_lines(p)[-1])
+                self.assertFalse(os.path.exists(sock))
+                srv = self.start_server(img, read_only=True, extra=["-f", "raw"], socket_path=sock)
+                self.assertEqual(T.run(["nbdinfo", "--size", srv.uri()], timeout=60).stdout.strip(), str(os.path.getsize(img)))
+                self.assertEqual(srv.stop(), 0)
+
+    def test_raw_size_not_a_multiple_of_512(self):
+        # qemu-img info and qemu-nbd both see whole 512-byte sectors (the tail reads as zeros), and so
+        # do `qnbd info` and `qnbd serve`.
+        img = self.image(1000, [(0, b"\xab" * 1000)])
+        want = json.loads(T.run(["qemu-img", "info", "--output=json", "-f", "raw", img], timeout=60).stdout)
+        info = json.loads(T.run([T.QNBD, "info", "--json", img], timeout=60).stdout)
+        self.assertEqual(info["virtual-size"], want["virtual-size"])
+        srv = self.start_server(img)
+        self.assertEqual(int(T.run(["nbdinfo", "--size", srv.uri()], timeout=60).stdout.strip()), want["virtual-size"])
+        h = self.connect(srv)
+        self.assertEqual(h.pread(1024, 0), b"\xab" * 1000 + b"\0" * 24)
 
     def test_busy_unix_socket(self):
         img = self.image(4 * MiB, [(0, b"first")])

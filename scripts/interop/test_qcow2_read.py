@@ -317,6 +317,38 @@ def header_field(path, offset, fmt):
         return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
 
+class Qcow2CopiedWithoutHost(Qcow2ReadCase):
+    """COPIED set on an L2 entry with no host offset (and no zero flag). Without an external data file
+    qemu reads it as unallocated and `qemu-img check` calls the image clean; `qnbd check` and
+    `qnbd serve` follow the same rule (one cluster-type decoding in the format layer)."""
+
+    def image_with_copied_unallocated(self):
+        img = create(self.path("img.qcow2"), "", size=4 * MiB)
+        qemu_io(img, ["write -P 0x5a 0 64k"])
+        l2 = header_field(img, header_field(img, 40, ">Q"), ">Q") & 0x00fffffffffffe00
+        poke(img, l2 + 8, struct.pack(">Q", 1 << 63))          # guest cluster 1: COPIED, offset 0
+        return img
+
+    def test_check_and_serve_agree_with_qemu(self):
+        img = self.image_with_copied_unallocated()
+        q = qemu_img("check", img, check=False)
+        self.assertEqual(q.returncode, 0, q.stdout + q.stderr)
+        n = subprocess.run([T.QNBD, "check", img], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           timeout=60)
+        self.assertEqual(n.returncode, 0, n.stdout + n.stderr)
+        self.check(img, ["qcow2"])
+
+    def test_writable_serve_allocates_over_it(self):
+        img = self.image_with_copied_unallocated()
+        srv = T.Server(self.dir, img, socket_path=self.path("nbd.sock"), pid_file=self.path("qnbd.pid"))
+        self.addCleanup(self._stop_server, srv, True)
+        srv.start()
+        T.run(["qemu-io", "-f", "raw", "-c", "write -P 0x66 64k 4k", srv.uri()], timeout=60)
+        self.assertEqual(srv.stop(), 0)
+        qemu_io(img, ["read -P 0x66 64k 4k", "read -P 0 68k 60k", "read -P 0x5a 0 64k"])
+        self.assertEqual(qemu_img("check", img, check=False).returncode, 0)
+
+
 class Qcow2Refused(Qcow2ReadCase):
     def refuse(self, image, read_only=True, cwd=None):
         """Runs `qnbd serve` and expects it to exit non-zero at once; returns its one-line message."""
@@ -375,6 +407,18 @@ class Qcow2Refused(Qcow2ReadCase):
         os.unlink(self.path("gone.raw"))
         msg = self.refuse("img.qcow2")
         self.assertIn("gone.raw", msg)
+
+    def test_backing_file_in_a_foreign_format_is_not_taken_for_raw(self):
+        # No backing format in the header: the backing file is probed, and a VHD is named, not served as
+        # raw bytes under the overlay.
+        qemu_img("create", "-q", "-f", "vpc", self.path("base.vpc"), "4M")
+        create(self.path("img.qcow2"), "", size=4 * MiB, backing="base.vpc", backing_fmt="vpc")
+        with open(self.path("img.qcow2"), "rb") as f:
+            head = f.read(64 * KiB)
+        at = head.index(struct.pack(">I", 0xe2792aca))          # the backing format extension
+        poke(self.path("img.qcow2"), at, struct.pack(">I", 0x0badf00d))   # now an unknown one, ignored
+        msg = self.refuse("img.qcow2")
+        self.assertIn("vpc", msg)
 
     def test_truncated_l1_table(self):
         img = create(self.path("img.qcow2"), "cluster_size=512", size=SIZE)

@@ -370,6 +370,18 @@ class InfoMatchesQemu(ToolsCase):
                 qemu_io(img, ["write -P 1 0 1m", "write -z 2m 1m"])
                 self.assert_info_equal("i.qcow2")
 
+    def test_foreign_formats_are_named_not_shown_as_raw(self):
+        # The tools probe like serve does: a VHD or VMDK is not described, mapped or checked as raw bytes.
+        for fmt in ("vpc", "vmdk"):
+            with self.subTest(fmt=fmt):
+                img = "disk." + fmt
+                qemu_img("create", "-q", "-f", fmt, self.path(img), "16M")
+                for command in (["info"], ["map"], ["check"]):
+                    p = qnbd(*(command + [img]), cwd=self.dir)
+                    self.assertEqual(p.returncode, 1, "qnbd %s %s: %s%s" % (command[0], img, p.stdout, p.stderr))
+                    self.assertIn(fmt, p.stderr)
+                    self.assertIn("qemu-img convert", p.stderr)
+
     def test_snapshots_and_bitmaps(self):
         img = self.path("s.qcow2")
         qemu_img("create", "-q", "-f", "qcow2", img, "64M")
@@ -521,6 +533,27 @@ class CheckMatchesQemu(ToolsCase):
                 name = self.damaged(damage.__name__ + ".qcow2", damage)
                 n, q, _ = self.check_both(name)
                 self.assertNotEqual(q.returncode, 0, "the damage was not damage")
+
+    def test_tables_beyond_any_file(self):
+        # Header offsets whose table would end past the largest file offset: qemu refuses to open the
+        # image (exit 1); qnbd check used to trap reading the table. The inputs are the fuzz corpus's.
+        corpus = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fuzz", "corpus", "qcow2")
+        for name in ("regress-l1-offset-overflow", "regress-reftable-offset-overflow"):
+            with self.subTest(image=name):
+                shutil.copyfile(os.path.join(corpus, name), self.path(name))
+                n, q, _ = self.check_both(name)
+                self.assertEqual(n.returncode, 1)
+                self.assertIn("beyond any file", n.stderr)
+
+    def test_missing_backing_file(self):
+        # qemu-img check opens the backing chain and fails (exit 1) without it; qnbd serve refuses the
+        # image too, and qnbd check no longer calls it clean.
+        qemu_img("create", "-q", "-f", "qcow2", self.path("gone.qcow2"), "1M")
+        qemu_img("create", "-q", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", self.path("top.qcow2"))
+        os.unlink(self.path("gone.qcow2"))
+        n, q, _ = self.check_both("top.qcow2")
+        self.assertEqual(n.returncode, 1)
+        self.assertIn("gone.qcow2", n.stderr)
 
     def test_compressed_damage(self):
         src = self.path("src.raw")
