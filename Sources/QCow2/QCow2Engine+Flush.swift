@@ -29,7 +29,7 @@ import BlockDevice
 struct FlushState {
     enum Member {
         case client(RequestTag)
-        case write(Int)
+        case write(WriteID)
     }
 
     struct Step {

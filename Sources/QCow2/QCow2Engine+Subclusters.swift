@@ -10,7 +10,7 @@
 import BlockDevice
 
 extension QCow2Engine {
-    func writeExtended(_ id: Int, slot: L2Slot, index: Int, inCluster: UInt64, segment: UInt64) throws(QCow2Error) {
+    func writeExtended(_ id: WriteID, slot: L2Slot, index: Int, inCluster: UInt64, segment: UInt64) throws(QCow2Error) {
         let g = geometry
         let (word, bitmap) = slot.entry(index, extended: true)
         let mapping = try L2Entry.decode(word, geometry: g, index: index)
@@ -67,7 +67,7 @@ extension QCow2Engine {
     }
 
     /// Writes `source` at `inCluster` of one cluster, filling in subclusters.
-    private func writeSubclusters(_ id: Int, slot: L2Slot, index: Int, word: UInt64, bitmap: UInt64, mapping: ClusterMapping,
+    private func writeSubclusters(_ id: WriteID, slot: L2Slot, index: Int, word: UInt64, bitmap: UInt64, mapping: ClusterMapping,
                                   inCluster: UInt64, source: UnsafeRawBufferPointer) throws(QCow2Error) {
         let g = geometry
         let cluster = g.clusterSize
@@ -143,7 +143,7 @@ extension QCow2Engine {
         if allocations[a].pendingCOW == 0 { issueAllocationWrite(a) }
     }
 
-    private func fillGaps(_ a: Int, mapping: ClusterMapping, bitmap: UInt64, index: Int, oldHost: UInt64,
+    private func fillGaps(_ a: AllocationID, mapping: ClusterMapping, bitmap: UInt64, index: Int, oldHost: UInt64,
                           guestCluster: UInt64, gaps: [Range<Int>], origin: Int) throws(QCow2Error) {
         let unit = geometry.subclusterSize
         for gap in gaps where !gap.isEmpty {

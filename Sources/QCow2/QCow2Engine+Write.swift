@@ -62,7 +62,7 @@ extension QCow2Engine {
         continueWrite(id)
     }
 
-    func continueWrite(_ id: Int) {
+    func continueWrite(_ id: WriteID) {
         let g = geometry
         writes[id].state = .resolving
         while writes[id].position < writes[id].length {
@@ -107,7 +107,7 @@ extension QCow2Engine {
 
     /// The L2 table for writing at `l1Index`: created when missing, copied when shared with a snapshot
     /// (COPIED clear in L1), loaded when absent (then nil: the request is parked).
-    private func l2ForWrite(_ l1Index: Int, request id: Int) -> L2Slot? {
+    private func l2ForWrite(_ l1Index: Int, request id: WriteID) -> L2Slot? {
         let entry = l1[l1Index]
         let g = geometry
         if entry & L1Entry.offsetMask == 0 {
@@ -155,7 +155,7 @@ extension QCow2Engine {
 
     /// Writes `source` (starting at the cursor) into the cluster at `index` and, when it can, the
     /// clusters after it.
-    func writeData(_ id: Int, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64,
+    func writeData(_ id: WriteID, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64,
                            source: UnsafeRawBufferPointer, maxClusters: Int) throws(QCow2Error) {
         let g = geometry
         let cluster = g.clusterSize
@@ -247,7 +247,7 @@ extension QCow2Engine {
         if allocations[a].pendingCOW == 0 { issueAllocationWrite(a) }
     }
 
-    func reserve(_ allocation: Allocation, slot: L2Slot, guestCluster: UInt64) -> Int {
+    func reserve(_ allocation: Allocation, slot: L2Slot, guestCluster: UInt64) -> AllocationID {
         let a = allocations.insert(allocation)
         for k in 0..<UInt64(allocation.count) { reservations[guestCluster + k] = a }
         slot.pins += 1
@@ -257,7 +257,7 @@ extension QCow2Engine {
     /// Fills `gaps` of the allocation's buffer with the guest view of the old cluster (H4, H5).
     /// `origin` is the offset in the cluster that the buffer's first byte stands for (non-zero when only
     /// some subclusters are assembled); `gaps` are in buffer coordinates.
-    func copyOnWrite(_ a: Int, mapping: ClusterMapping, guestCluster: UInt64, gaps: [Range<Int>],
+    func copyOnWrite(_ a: AllocationID, mapping: ClusterMapping, guestCluster: UInt64, gaps: [Range<Int>],
                      origin: Int = 0) throws(QCow2Error) {
         let buffer = allocations[a].buffer!
         let cluster = geometry.clusterSize
@@ -304,7 +304,7 @@ extension QCow2Engine {
     /// An allocation whose old contents turned out to be unreadable (corrupt metadata): undone as if
     /// its write had failed, once any copy-on-write reads already issued are back, so that its request
     /// is answered and its reservation released instead of hanging everyone behind it.
-    func abandon(_ a: Int) {
+    func abandon(_ a: AllocationID) {
         if allocations[a].pendingCOW == 0 {
             allocationWritten(a, errno: EIO_)
         } else if allocations[a].error == nil {
@@ -312,12 +312,12 @@ extension QCow2Engine {
         }
     }
 
-    func issueAllocationWrite(_ a: Int) {
+    func issueAllocationWrite(_ a: AllocationID) {
         let token = issue(.allocationWrite(allocation: a))
         outbox.append(.writeFile(token, offset: allocations[a].writeOffset, from: allocations[a].source, dsync: false))
     }
 
-    func cowCompleted(_ a: Int, errno: Int32?) {
+    func cowCompleted(_ a: AllocationID, errno: Int32?) {
         if let errno, allocations[a].error == nil { allocations[a].error = errno }
         allocations[a].pendingCOW -= 1
         guard allocations[a].pendingCOW == 0 else { return }
@@ -325,7 +325,7 @@ extension QCow2Engine {
         issueAllocationWrite(a)
     }
 
-    func cowCompressedRead(_ a: Int, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, errno: Int32?) {
+    func cowCompressedRead(_ a: AllocationID, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, errno: Int32?) {
         if let errno {
             source.deallocate()
             scratch.deallocate()
@@ -335,7 +335,7 @@ extension QCow2Engine {
         outbox.append(.decompress(token, compression, source: UnsafeRawBufferPointer(source), into: scratch))
     }
 
-    func cowDecompressed(_ a: Int, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, errno: Int32?) {
+    func cowDecompressed(_ a: AllocationID, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, errno: Int32?) {
         source.deallocate()
         if errno == nil, let buffer = allocations[a].buffer {
             for gap in allocations[a].cowGaps {
@@ -348,7 +348,7 @@ extension QCow2Engine {
     }
 
     /// The allocation's data is in the file: link it (or give the clusters back on error).
-    func allocationWritten(_ a: Int, errno: Int32?) {
+    func allocationWritten(_ a: AllocationID, errno: Int32?) {
         let allocation = allocations.remove(a)
         let g = geometry
         let guestCluster = UInt64(allocation.l1Index) << UInt64(g.l2Bits) + UInt64(allocation.firstIndex)
@@ -381,7 +381,7 @@ extension QCow2Engine {
         finishWriteIfDone(id)
     }
 
-    func inPlaceWriteCompleted(_ id: Int, errno: Int32?) {
+    func inPlaceWriteCompleted(_ id: WriteID, errno: Int32?) {
         if let errno, writes[id].error == nil { writes[id].error = BlockError(errno: errno) }
         unsyncedData = true
         writes[id].pending -= 1
@@ -390,7 +390,7 @@ extension QCow2Engine {
 
     // MARK: - Zeroes and trims
 
-    private func zeroCluster(_ id: Int, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64,
+    private func zeroCluster(_ id: WriteID, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64,
                              segment: UInt64, keepAllocation: Bool) throws(QCow2Error) {
         let guest = writes[id].offset + writes[id].position
         let whole = inCluster == 0 && (segment == geometry.clusterSize || guest + segment == geometry.virtualSize)
@@ -423,7 +423,7 @@ extension QCow2Engine {
                       source: UnsafeRawBufferPointer(rebasing: zeroCluster[0..<Int(segment)]), maxClusters: 1)
     }
 
-    private func trimCluster(_ id: Int, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64, segment: UInt64) {
+    private func trimCluster(_ id: WriteID, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64, segment: UInt64) {
         let guest = writes[id].offset + writes[id].position
         writes[id].position += segment
         // TRIM is advisory: partial clusters are left alone.
@@ -474,14 +474,14 @@ extension QCow2Engine {
 
     // MARK: - Finishing
 
-    func failWrite(_ id: Int, _ error: BlockError) {
+    func failWrite(_ id: WriteID, _ error: BlockError) {
         if writes[id].error == nil { writes[id].error = error }
         writes[id].position = writes[id].length
         writes[id].state = .draining
         finishWriteIfDone(id)
     }
 
-    private func finishWriteIfDone(_ id: Int) {
+    private func finishWriteIfDone(_ id: WriteID) {
         guard case .draining = writes[id].state, writes[id].pending == 0 else { return }
         if writes[id].error == nil && writes[id].fua {
             // FUA: the write is answered once a flush covering it is durable.
@@ -492,7 +492,7 @@ extension QCow2Engine {
         completeWrite(id, error: writes[id].error)
     }
 
-    func completeWrite(_ id: Int, error: BlockError?) {
+    func completeWrite(_ id: WriteID, error: BlockError?) {
         let r = writes.remove(id)
         unpinGeneration(r.generation)
         outbox.append(.complete(r.tag, error.map { .failed($0) } ?? .done))

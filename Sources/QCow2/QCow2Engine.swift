@@ -28,11 +28,11 @@ public final class QCow2Engine {
     let fileSize: UInt64
     @exclusivity(unchecked) var l1: [UInt64]
     @exclusivity(unchecked) var cache: L2Cache
-    @exclusivity(unchecked) var reads = Slab<ReadRequest>()
-    @exclusivity(unchecked) var statuses = Slab<StatusRequest>()
-    @exclusivity(unchecked) var writes = Slab<WriteRequest>()
-    @exclusivity(unchecked) var allocations = Slab<Allocation>()
-    @exclusivity(unchecked) var tokens = Slab<TokenPurpose>()
+    @exclusivity(unchecked) var reads = Slab<ReadID, ReadRequest>()
+    @exclusivity(unchecked) var statuses = Slab<StatusID, StatusRequest>()
+    @exclusivity(unchecked) var writes = Slab<WriteID, WriteRequest>()
+    @exclusivity(unchecked) var allocations = Slab<AllocationID, Allocation>()
+    @exclusivity(unchecked) var tokens = Slab<IOToken, TokenPurpose>()
     @exclusivity(unchecked) var outbox: [IOAction] = []
     /// Actions before this index have been handed to the shell.
     @exclusivity(unchecked) var outboxHead = 0
@@ -45,7 +45,7 @@ public final class QCow2Engine {
     /// L1 entries changed and not yet captured, by index, with their epoch.
     @exclusivity(unchecked) var l1Dirty: [Int: UInt64] = [:]
     /// Guest clusters under allocation → allocation id.
-    @exclusivity(unchecked) var reservations: [UInt64: Int] = [:]
+    @exclusivity(unchecked) var reservations: [UInt64: AllocationID] = [:]
     /// Data reached the file since the last sync began.
     @exclusivity(unchecked) var unsyncedData = false
     /// Deferred refcount decreases: clusters whose last reference was removed at an epoch (O4).
@@ -67,17 +67,17 @@ public final class QCow2Engine {
     /// Why an action was issued.
     enum TokenPurpose {
         case loadL2(l1Index: Int)
-        case readData(request: Int)
-        case readCompressed(request: Int, source: UnsafeMutableRawBufferPointer, destination: UnsafeMutableRawBufferPointer,
+        case readData(request: ReadID)
+        case readCompressed(request: ReadID, source: UnsafeMutableRawBufferPointer, destination: UnsafeMutableRawBufferPointer,
                             copyFrom: Int, copyTo: Int, count: Int)
-        case decompress(request: Int, source: UnsafeMutableRawBufferPointer, destination: UnsafeMutableRawBufferPointer,
+        case decompress(request: ReadID, source: UnsafeMutableRawBufferPointer, destination: UnsafeMutableRawBufferPointer,
                         copyFrom: Int, copyTo: Int, count: Int)
-        case backingStatus(request: Int, length: UInt64)
-        case writeInPlace(request: Int)
-        case allocationWrite(allocation: Int)
-        case cowRead(allocation: Int)
-        case cowCompressed(allocation: Int, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer)
-        case cowDecompress(allocation: Int, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer)
+        case backingStatus(request: StatusID, length: UInt64)
+        case writeInPlace(request: WriteID)
+        case allocationWrite(allocation: AllocationID)
+        case cowRead(allocation: AllocationID)
+        case cowCompressed(allocation: AllocationID, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer)
+        case cowDecompress(allocation: AllocationID, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer)
         case flushStep(buffer: UnsafeMutableRawBufferPointer?, offset: UInt64?)
         case punch(cluster: UInt64, count: UInt64)
         case headerUpdate(buffer: UnsafeMutableRawBufferPointer)
@@ -226,7 +226,7 @@ public final class QCow2Engine {
     public var activeRequests: Int { reads.count + statuses.count + writes.count }
 
     func issue(_ purpose: TokenPurpose) -> IOToken {
-        IOToken(raw: UInt32(tokens.insert(purpose)))
+        tokens.insert(purpose)
     }
 
     // MARK: - Generations (H8)
@@ -287,7 +287,7 @@ public final class QCow2Engine {
     // MARK: - Completions
 
     public func completed(_ token: IOToken, result: IOResult) {
-        let purpose = tokens.remove(Int(token.raw))
+        let purpose = tokens.remove(token)
         var errno: Int32? = nil
         if case .failure(let e) = result { errno = e }
         switch purpose {

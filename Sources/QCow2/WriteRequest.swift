@@ -38,7 +38,7 @@ struct WriteRequest {
 /// A run of guest clusters being allocated: reserved (no other writer may touch them), given host
 /// clusters, filled (with COW for a partial write) and finally linked into the L2 table.
 struct Allocation {
-    let request: Int
+    let request: WriteID
     let l1Index: Int
     /// L2 index of the first cluster.
     let firstIndex: Int
@@ -65,5 +65,5 @@ struct Allocation {
     var cowGaps: [Range<Int>] = []
     var error: Int32?
     /// Writers parked on these guest clusters.
-    var waiters: [Int] = []
+    var waiters: [WriteID] = []
 }

@@ -197,7 +197,7 @@ final class WriteShell {
                 check(outcomes[tag] == nil, "request \(tag) completed twice")
                 outcomes[tag] = outcome
             case .writeFile(let token, let offset, let from, _):
-                checkWrite(purpose: engine.tokens[Int(token.raw)], offset: offset, count: UInt64(from.count))
+                checkWrite(purpose: engine.tokens[token], offset: offset, count: UInt64(from.count))
                 held.append(action)
             case .punchFile(_, let offset, let length):
                 checkData(offset: offset, count: length, what: "punch")
