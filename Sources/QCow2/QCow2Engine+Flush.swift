@@ -85,39 +85,39 @@ struct FlushState {
 
 extension QCow2Engine {
     public func flush(tag: RequestTag) {
-        guard writable else {
+        guard let writing = writableState else {
             outbox.append(.complete(tag, .done))
             return
         }
-        requestFlush(.client(tag))
+        requestFlush(.client(tag), writing)
     }
 
-    func requestFlush(_ member: FlushState.Member) {
-        flush.queued.append(member)
-        startFlushIfIdle()
+    func requestFlush(_ member: FlushState.Member, _ writing: WritableState) {
+        writing.flush.queued.append(member)
+        startFlushIfIdle(writing)
     }
 
-    private func startFlushIfIdle() {
-        guard !flush.running, !flush.queued.isEmpty else { return }
-        flush.members = flush.queued
-        flush.queued = []
+    private func startFlushIfIdle(_ writing: WritableState) {
+        guard !writing.flush.running, !writing.flush.queued.isEmpty else { return }
+        writing.flush.members = writing.flush.queued
+        writing.flush.queued = []
         if let failure {
-            finishFlush(error: BlockError(errno: EIO_, message: "image is read-only after an error: \(failure)"))
+            finishFlush(error: BlockError(errno: EIO_, message: "image is read-only after an error: \(failure)"), writing)
             return
         }
-        flush.running = true
-        let captured = epoch
-        epoch += 1
-        flush.steps = capture(upTo: captured)
-        flush.step = -1
-        flush.failure = nil
-        advanceFlush()
+        writing.flush.running = true
+        let captured = writing.epoch
+        writing.epoch += 1
+        writing.flush.steps = capture(upTo: captured, writing)
+        writing.flush.step = -1
+        writing.flush.failure = nil
+        advanceFlush(writing)
     }
 
     /// Copies everything dirty at or before `e` into the pipeline's stages.
-    private func capture(upTo e: UInt64) -> [FlushState.Step] {
+    private func capture(upTo e: UInt64, _ writing: WritableState) -> [FlushState.Step] {
         let g = geometry
-        let refs = refcounts!.capture(upTo: e)
+        let refs = writing.refcounts.capture(upTo: e)
         var l2: [(UInt64, UnsafeMutableRawBufferPointer)] = []
         for (_, slot) in cache.slots {
             guard let d = slot.dirtyEpoch, d <= e else { continue }
@@ -126,12 +126,12 @@ extension QCow2Engine {
             l2.append((slot.hostOffset, copy))
             slot.dirtyEpoch = nil
             slot.writebacks += 1
-            flush.tables.append(slot)
+            writing.flush.tables.append(slot)
         }
         var sectors: Set<Int> = []
-        for (i, d) in l1Dirty where d <= e {
+        for (i, d) in writing.l1Dirty where d <= e {
             sectors.insert(i / 64)
-            l1Dirty[i] = nil
+            writing.l1Dirty[i] = nil
         }
         var l1Writes: [(UInt64, UnsafeMutableRawBufferPointer)] = []
         for s in sectors.sorted() {
@@ -140,11 +140,11 @@ extension QCow2Engine {
             for k in 0..<64 where s * 64 + k < l1.count { copy.setBE64(l1[s * 64 + k], at: k * 8) }
             l1Writes.append((header.l1TableOffset + UInt64(s) * 512, copy))
         }
-        flush.frees = pendingFrees.filter { $0.epoch <= e }.map { ($0.generation, $0.clusters) }
-        pendingFrees.removeAll { $0.epoch <= e }
-        let data = unsyncedData
-        unsyncedData = false
-        flush.captured = .init(refcounts: refs, l1Sectors: sectors.sorted(), frees: flush.frees, data: data)
+        writing.flush.frees = writing.pendingFrees.filter { $0.epoch <= e }.map { ($0.generation, $0.clusters) }
+        writing.pendingFrees.removeAll { $0.epoch <= e }
+        let data = writing.unsyncedData
+        writing.unsyncedData = false
+        writing.flush.captured = .init(refcounts: refs, l1Sectors: sectors.sorted(), frees: writing.flush.frees, data: data)
 
         var steps: [FlushState.Step] = []
         let later = !refs.tableSectors.isEmpty || refs.newTable != nil || !l2.isEmpty || !l1Writes.isEmpty
@@ -158,10 +158,10 @@ extension QCow2Engine {
             // The old table is unreferenced once the switch is durable, at the end of this flush.
             if let old = refs.oldTable {
                 let first = old.offset / g.clusterSize
-                generation += 1
-                let free = (generation, (0..<UInt64(old.clusters)).map { first + $0 })
-                flush.frees.append(free)
-                flush.captured.oldTableFree = free
+                writing.generation += 1
+                let free = (writing.generation, (0..<UInt64(old.clusters)).map { first + $0 })
+                writing.flush.frees.append(free)
+                writing.flush.captured.oldTableFree = free
             }
         } else {
             steps.append(.init(kind: .refcountTableEntries, writes: refs.tableSectors, sync: !refs.tableSectors.isEmpty))
@@ -172,27 +172,27 @@ extension QCow2Engine {
     }
 
     /// Issues the next stage's writes, or its sync once the writes are done.
-    private func advanceFlush() {
+    private func advanceFlush(_ writing: WritableState) {
         while true {
-            if flush.step >= 0 && !flush.syncing && flush.steps[flush.step].sync {
-                flush.syncing = true
-                flush.pending = 1
+            if writing.flush.step >= 0 && !writing.flush.syncing && writing.flush.steps[writing.flush.step].sync {
+                writing.flush.syncing = true
+                writing.flush.pending = 1
                 outbox.append(.syncFile(issue(.flushStep(buffer: nil, offset: nil))))
                 return
             }
-            if flush.step >= 0 && flush.steps[flush.step].kind == .refcountTableSwitch { flush.captured.tableSwitched = true }
-            flush.syncing = false
-            flush.step += 1
-            guard flush.step < flush.steps.count else {
-                releaseTables(written: true)
-                retireFrees()
-                finishFlush(error: nil)
+            if writing.flush.step >= 0 && writing.flush.steps[writing.flush.step].kind == .refcountTableSwitch { writing.flush.captured.tableSwitched = true }
+            writing.flush.syncing = false
+            writing.flush.step += 1
+            guard writing.flush.step < writing.flush.steps.count else {
+                releaseTables(written: true, writing)
+                retireFrees(writing)
+                finishFlush(error: nil, writing)
                 return
             }
-            let writes = flush.steps[flush.step].writes
-            flush.steps[flush.step].writes = []
+            let writes = writing.flush.steps[writing.flush.step].writes
+            writing.flush.steps[writing.flush.step].writes = []
             if writes.isEmpty { continue }
-            flush.pending = writes.count
+            writing.flush.pending = writes.count
             for w in writes {
                 outbox.append(.writeFile(issue(.flushStep(buffer: w.bytes, offset: w.offset)), offset: w.offset,
                                          from: UnsafeRawBufferPointer(w.bytes), dsync: false))
@@ -202,61 +202,61 @@ extension QCow2Engine {
     }
 
     /// `offset`: the write that completed, nil for the stage's sync.
-    func flushStepCompleted(offset: UInt64?, errno: Int32?) {
+    func flushStepCompleted(offset: UInt64?, errno: Int32?, _ writing: WritableState) {
         if let errno {
-            let kind = flush.steps[flush.step].kind
+            let kind = writing.flush.steps[writing.flush.step].kind
             let what = offset.map { "writing the \(kind.rawValue) at \(hex($0))" }
-                ?? (kind == .refcountBlocks && flush.captured.refcounts.blockIndices.isEmpty
+                ?? (kind == .refcountBlocks && writing.flush.captured.refcounts.blockIndices.isEmpty
                     ? "syncing the data written before the flush" : "syncing after the \(kind.rawValue) writes")
             let failure = FlushState.Failure(errno: errno, what: what, isSync: offset == nil)
             // An unrecoverable failure wins over a recoverable one of the same stage.
-            if flush.failure.map({ $0.isRecoverable && !failure.isRecoverable }) ?? true { flush.failure = failure }
+            if writing.flush.failure.map({ $0.isRecoverable && !failure.isRecoverable }) ?? true { writing.flush.failure = failure }
         }
-        flush.pending -= 1
-        guard flush.pending == 0 else { return }
-        guard let failure = flush.failure else { return advanceFlush() }
+        writing.flush.pending -= 1
+        guard writing.flush.pending == 0 else { return }
+        guard let failure = writing.flush.failure else { return advanceFlush(writing) }
         // H10: later stages must not run; what is durable is consistent because of the order.
-        for s in flush.steps { for w in s.writes { w.bytes.deallocate() } }
-        flush.steps = []
-        releaseTables(written: false)
+        for s in writing.flush.steps { for w in s.writes { w.bytes.deallocate() } }
+        writing.flush.steps = []
+        releaseTables(written: false, writing)
         let reason = "\(failure.what) failed: \(errnoName(failure.errno))"
         if failure.isRecoverable {
-            restoreCaptured()
-            finishFlush(error: BlockError(errno: failure.errno, message: "qcow2 metadata: \(reason); a later flush retries"))
+            restoreCaptured(writing)
+            finishFlush(error: BlockError(errno: failure.errno, message: "qcow2 metadata: \(reason); a later flush retries"), writing)
         } else {
             markFailed("qcow2 metadata: \(reason)")
-            finishFlush(error: BlockError(errno: EIO_, message: "qcow2 metadata: \(reason); the image is now read-only"))
+            finishFlush(error: BlockError(errno: EIO_, message: "qcow2 metadata: \(reason); the image is now read-only"), writing)
         }
     }
 
     /// Gives what the failed pipeline captured back to the dirty state, at the current epoch, so the
     /// next flush writes it again (L2 tables are handled by `releaseTables`). The frees it would have
     /// applied wait for that flush too (O4: their removals are not durable yet).
-    private func restoreCaptured() {
-        let c = flush.captured
-        refcounts!.recapture(c.refcounts, tableSwitched: c.tableSwitched, epoch: epoch)
-        for s in c.l1Sectors where l1Dirty[s * 64] == nil { l1Dirty[s * 64] = epoch }
+    private func restoreCaptured(_ writing: WritableState) {
+        let c = writing.flush.captured
+        writing.refcounts.recapture(c.refcounts, tableSwitched: c.tableSwitched, epoch: writing.epoch)
+        for s in c.l1Sectors where writing.l1Dirty[s * 64] == nil { writing.l1Dirty[s * 64] = writing.epoch }
         var frees = c.frees
         if c.tableSwitched, let old = c.oldTableFree { frees.append(old) }
-        pendingFrees += frees.map { (epoch, $0.generation, $0.clusters) }
-        if c.data { unsyncedData = true }
-        flush.frees = []
-        flush.captured = .init()
+        writing.pendingFrees += frees.map { (writing.epoch, $0.generation, $0.clusters) }
+        if c.data { writing.unsyncedData = true }
+        writing.flush.frees = []
+        writing.flush.captured = .init()
     }
 
     /// The pipeline's table snapshots are written (or failed: then the tables stay dirty, so the cache
     /// keeps the only current copy rather than reload an older one from the file).
-    private func releaseTables(written: Bool) {
-        for slot in flush.tables {
+    private func releaseTables(written: Bool, _ writing: WritableState) {
+        for slot in writing.flush.tables {
             slot.writebacks -= 1
-            if !written && slot.dirtyEpoch == nil { slot.dirtyEpoch = epoch }
+            if !written && slot.dirtyEpoch == nil { slot.dirtyEpoch = writing.epoch }
         }
-        flush.tables = []
+        writing.flush.tables = []
     }
 
     /// O4: the removals captured by this flush are durable; apply their refcount decreases.
-    private func retireFrees() {
-        let oldest = oldestInFlight
+    private func retireFrees(_ writing: WritableState) {
+        let oldest = writing.oldestInFlight
         var punchStart: UInt64?
         var punchCount: UInt64 = 0
         func punchPending() {
@@ -265,7 +265,7 @@ extension QCow2Engine {
             outbox.append(.punchFile(token, offset: start * geometry.clusterSize, length: punchCount * geometry.clusterSize))
             punchStart = nil
         }
-        for (gen, clusters) in flush.frees {
+        for (gen, clusters) in writing.flush.frees {
             // Punch only what no older I/O can still touch; the rest is simply reusable.
             let punchable = oldest.map { gen <= $0 } ?? true
             for c in clusters.sorted() {
@@ -274,9 +274,9 @@ extension QCow2Engine {
                     markCorrupt("a data reference to metadata cluster \(hex(c * geometry.clusterSize)) was removed")
                     continue
                 }
-                guard refcounts!.release(cluster: c, epoch: epoch) else { continue }
+                guard writing.refcounts.release(cluster: c, epoch: writing.epoch) else { continue }
                 guard punchable else {
-                    refcounts!.makeReusable(cluster: c, generation: gen)
+                    writing.refcounts.makeReusable(cluster: c, generation: gen)
                     continue
                 }
                 if let start = punchStart, start + punchCount == c {
@@ -289,29 +289,30 @@ extension QCow2Engine {
             }
         }
         punchPending()
-        flush.frees = []
+        writing.flush.frees = []
     }
 
-    func punchCompleted(cluster: UInt64, count: UInt64) {
-        for k in 0..<count { refcounts!.makeReusable(cluster: cluster + k, generation: 0) }
+    func punchCompleted(cluster: UInt64, count: UInt64, _ writing: WritableState) {
+        for k in 0..<count { writing.refcounts.makeReusable(cluster: cluster + k, generation: 0) }
     }
 
-    private func finishFlush(error: BlockError?) {
-        let members = flush.members
-        flush.members = []
-        flush.running = false
+    private func finishFlush(error: BlockError?, _ writing: WritableState) {
+        let members = writing.flush.members
+        writing.flush.members = []
+        writing.flush.running = false
         for m in members {
             switch m {
             case .client(let tag): outbox.append(.complete(tag, error.map { .failed($0) } ?? .done))
-            case .write(let id): completeWrite(id, error: error)
+            case .write(let id): completeWrite(id, error: error, writing)
             }
         }
-        startFlushIfIdle()
+        startFlushIfIdle(writing)
     }
 
     /// Whether anything is waiting to be made durable.
     public var isDirty: Bool {
-        unsyncedData || !l1Dirty.isEmpty || !pendingFrees.isEmpty || cache.slots.values.contains { $0.dirtyEpoch != nil }
-            || (refcounts?.isDirty(upTo: UInt64.max) ?? false)
+        guard let writing = writableState else { return false }
+        return writing.unsyncedData || !writing.l1Dirty.isEmpty || !writing.pendingFrees.isEmpty
+            || cache.slots.values.contains { $0.dirtyEpoch != nil } || writing.refcounts.isDirty(upTo: UInt64.max)
     }
 }

@@ -10,7 +10,7 @@ import BlockDevice
 extension QCow2Engine {
     public func read(tag: RequestTag, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) {
         var request = ReadRequest(tag: tag, offset: offset, buffer: buffer)
-        if writable { request.generation = pinGeneration() }
+        if let writableState { request.generation = writableState.pinGeneration() }
         let id = reads.insert(request)
         continueRead(id)
     }
@@ -154,8 +154,8 @@ extension QCow2Engine {
     /// allocator's end once this engine has grown the file.
     var hostLimit: UInt64 {
         let fileEnd = (fileSize + geometry.clusterSize - 1) / geometry.clusterSize * geometry.clusterSize
-        guard let refcounts else { return fileEnd }
-        return max(fileEnd, refcounts.endCluster * geometry.clusterSize)
+        guard let writableState else { return fileEnd }
+        return max(fileEnd, writableState.refcounts.endCluster * geometry.clusterSize)
     }
 
     private func readCompressed(_ id: ReadID, host: UInt64, byteCount: Int, inCluster: UInt64, length: UInt64) throws(QCow2Error) {
@@ -189,7 +189,7 @@ extension QCow2Engine {
     private func finishReadIfDone(_ id: ReadID) {
         guard case .draining = reads[id].state, reads[id].pending == 0 else { return }
         let r = reads.remove(id)
-        if let g = r.generation { unpinGeneration(g) }
+        if let g = r.generation { writableState?.unpinGeneration(g) }
         if let error = r.error {
             outbox.append(.complete(r.tag, .failed(error)))
         } else {

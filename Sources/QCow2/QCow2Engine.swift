@@ -9,6 +9,9 @@
 // allocation (+Write), the flush pipeline (+Flush). This file holds the shared state, L2 resolution
 // and the completion dispatch.
 //
+// A writable image has a WritableState besides (allocator, refcounts, dirty metadata, flush pipeline);
+// a read-only one has none, and nothing of the write side exists for it.
+//
 // In-flight I/O and frees. Every request that touches host clusters takes a generation when it starts;
 // every free records the generation after it. A freed cluster is handed out again (or punched) only
 // when no request older than its free is still running, so a read or write issued before a TRIM can
@@ -24,45 +27,22 @@ public final class QCow2Engine {
     public let geometry: Geometry
     /// Whether reads of unallocated clusters go to a backing image, and how big it is.
     public let backingSize: UInt64?
-    public let writable: Bool
+    /// The write side; nil for a read-only image.
+    let writableState: WritableState?
+    public var writable: Bool { writableState != nil }
     let fileSize: UInt64
     @exclusivity(unchecked) var l1: [UInt64]
     @exclusivity(unchecked) var cache: L2Cache
     @exclusivity(unchecked) var reads = Slab<ReadID, ReadRequest>()
     @exclusivity(unchecked) var statuses = Slab<StatusID, StatusRequest>()
-    @exclusivity(unchecked) var writes = Slab<WriteID, WriteRequest>()
-    @exclusivity(unchecked) var allocations = Slab<AllocationID, Allocation>()
     @exclusivity(unchecked) var tokens = Slab<IOToken, TokenPurpose>()
     @exclusivity(unchecked) var outbox: [IOAction] = []
     /// Actions before this index have been handed to the shell.
     @exclusivity(unchecked) var outboxHead = 0
     let compression: CompressionAlgorithm
-
-    // Write state (unused when read-only).
-    @exclusivity(unchecked) var refcounts: RefcountState?
-    /// The epoch new metadata changes belong to; a flush captures everything before it.
-    @exclusivity(unchecked) var epoch: UInt64 = 1
-    /// L1 entries changed and not yet captured, by index, with their epoch.
-    @exclusivity(unchecked) var l1Dirty: [Int: UInt64] = [:]
-    /// Guest clusters under allocation → allocation id.
-    @exclusivity(unchecked) var reservations: [UInt64: AllocationID] = [:]
-    /// Data reached the file since the last sync began.
-    @exclusivity(unchecked) var unsyncedData = false
-    /// Deferred refcount decreases: clusters whose last reference was removed at an epoch (O4).
-    @exclusivity(unchecked) var pendingFrees: [(epoch: UInt64, generation: UInt64, clusters: [UInt64])] = []
-    @exclusivity(unchecked) var generation: UInt64 = 0
-    @exclusivity(unchecked) var inFlight = InFlightGenerations()
-    @exclusivity(unchecked) var flush = FlushState()
-    /// Host clusters holding the L2 tables the L1 table points to (writable images), so that a data
-    /// write or a free that would land on one is caught (see `isMetadata`).
-    @exclusivity(unchecked) var l2TableClusters: Set<UInt64> = []
-    /// Host clusters of the snapshot table and the snapshots' L1 tables (never written by qnbd).
-    @exclusivity(unchecked) var snapshotClusters: Set<UInt64> = []
     /// Set after a metadata write or sync failed for a reason other than space: the image is read-only
     /// from then on (H10).
     @exclusivity(unchecked) public private(set) var failure: String?
-    /// A cluster of zeros, the source of zero writes.
-    let zeroCluster: UnsafeMutableRawBufferPointer
 
     /// Why an action was issued.
     enum TokenPurpose {
@@ -97,16 +77,15 @@ public final class QCow2Engine {
         self.backingSize = backingSize
         self.compression = header.compressionType == 1 ? .zstd : .deflate
         self.cache = L2Cache(tableSize: Int(geometry.clusterSize), budgetBytes: cacheBytes)
-        self.refcounts = refcounts
-        self.writable = refcounts != nil
-        self.zeroCluster = .allocate(byteCount: Int(geometry.clusterSize), alignment: 4096)
-        zeroCluster.initializeMemory(as: UInt8.self, repeating: 0)
+        let clusterSize = Int(geometry.clusterSize)
+        let writing = refcounts.map { WritableState(refcounts: $0, clusterSize: clusterSize) }
+        self.writableState = writing
         for (i, raw) in l1.enumerated() {
             let (offset, _) = try L1Entry.decode(raw, geometry: geometry, index: i)
             if offset != 0 && (offset < geometry.clusterSize || offset >= fileSize) {
                 throw QCow2Error("L1 entry \(i)", "L2 table offset \(hex(offset)) outside the image file")
             }
-            if offset != 0 && writable { l2TableClusters.insert(offset / geometry.clusterSize) }
+            if offset != 0, let writing { writing.l2TableClusters.insert(offset / geometry.clusterSize) }
         }
         outbox.reserveCapacity(64)
     }
@@ -141,7 +120,7 @@ public final class QCow2Engine {
         try self.init(header: header, l1: l1, fileSize: fileSize, backingSize: backingSize, cacheBytes: cacheBytes,
                       refcounts: state)
         for e in snapshots.extents {
-            snapshotClusters.formUnion(geometry.clusters(covering: e.offset, byteCount: e.byteCount))
+            writableState?.snapshotClusters.formUnion(geometry.clusters(covering: e.offset, byteCount: e.byteCount))
         }
     }
 
@@ -182,11 +161,6 @@ public final class QCow2Engine {
         }
     }
 
-    deinit {
-        zeroCluster.deallocate()
-        refcounts?.deallocate()
-    }
-
     /// Default L2 cache budget: enough to map the whole disk, capped at 64 MiB (512 GiB of disk with
     /// 64 KiB clusters). Beyond that, random reads over a huge disk cost an extra metadata read each
     /// time a table has been evicted, which is the qemu trade-off too.
@@ -223,24 +197,11 @@ public final class QCow2Engine {
     public var hasActions: Bool { outboxHead < outbox.count }
 
     /// Requests still in flight.
-    public var activeRequests: Int { reads.count + statuses.count + writes.count }
+    public var activeRequests: Int { reads.count + statuses.count + (writableState?.writes.count ?? 0) }
 
     func issue(_ purpose: TokenPurpose) -> IOToken {
         tokens.insert(purpose)
     }
-
-    // MARK: - Generations (H8)
-
-    func pinGeneration() -> UInt64 {
-        inFlight.pin(generation)
-        return generation
-    }
-
-    func unpinGeneration(_ g: UInt64) {
-        inFlight.unpin(g)
-    }
-
-    var oldestInFlight: UInt64? { inFlight.oldest }
 
     // MARK: - L2 resolution
 
@@ -279,9 +240,17 @@ public final class QCow2Engine {
             switch w {
             case .read(let id): continueRead(id)
             case .status(let id): continueStatus(id)
-            case .write(let id): continueWrite(id)
+            case .write(let id): continueWrite(id, writeSide("a parked write"))
             }
         }
+    }
+
+    /// The writable state, for an event that only the write side can have caused (a parked write, a
+    /// write-side completion): getting one on a read-only engine is a bug in the engine, not in the image.
+    @inline(__always)
+    func writeSide(_ event: StaticString) -> WritableState {
+        guard let writableState else { preconditionFailure("\(event) on a read-only engine") }
+        return writableState
     }
 
     // MARK: - Completions
@@ -318,20 +287,20 @@ public final class QCow2Engine {
         case .backingStatus(let id, let length):
             backingStatusCompleted(id, length: length, result: result)
         case .writeInPlace(let id):
-            inPlaceWriteCompleted(id, errno: errno)
+            inPlaceWriteCompleted(id, errno: errno, writeSide("an in-place write completion"))
         case .allocationWrite(let a):
-            allocationWritten(a, errno: errno)
+            allocationWritten(a, errno: errno, writeSide("an allocation write completion"))
         case .cowRead(let a):
-            cowCompleted(a, errno: errno)
+            cowCompleted(a, errno: errno, writeSide("a copy-on-write read completion"))
         case .cowCompressed(let a, let source, let scratch):
-            cowCompressedRead(a, source: source, scratch: scratch, errno: errno)
+            cowCompressedRead(a, source: source, scratch: scratch, errno: errno, writeSide("a copy-on-write read completion"))
         case .cowDecompress(let a, let source, let scratch):
-            cowDecompressed(a, source: source, scratch: scratch, errno: errno)
+            cowDecompressed(a, source: source, scratch: scratch, errno: errno, writeSide("a copy-on-write inflate completion"))
         case .flushStep(let buffer, let offset):
             buffer?.deallocate()
-            flushStepCompleted(offset: offset, errno: errno)
+            flushStepCompleted(offset: offset, errno: errno, writeSide("a flush completion"))
         case .punch(let cluster, let count):
-            punchCompleted(cluster: cluster, count: count)
+            punchCompleted(cluster: cluster, count: count, writeSide("a punch completion"))
         case .headerUpdate(let buffer):
             buffer.deallocate()
         }
@@ -343,7 +312,7 @@ public final class QCow2Engine {
         case .status(let id):
             let r = statuses.remove(id)
             outbox.append(.complete(r.tag, .failed(error)))
-        case .write(let id): failWrite(id, error)
+        case .write(let id): failWrite(id, error, writeSide("a parked write"))
         }
     }
 
@@ -351,10 +320,9 @@ public final class QCow2Engine {
     /// refcount block or an L2 table. Data never goes there; when an L2 entry says it does, the
     /// tables point into each other.
     func isMetadata(cluster c: UInt64) -> Bool {
-        if c == 0 || l2TableClusters.contains(c) { return true }
-        if !snapshotClusters.isEmpty && snapshotClusters.contains(c) { return true }
-        if geometry.clusters(covering: header.l1TableOffset, byteCount: UInt64(header.l1Size) * 8).contains(c) { return true }
-        return refcounts?.holdsMetadata(cluster: c) ?? false
+        if c == 0 { return true }
+        if let writableState, writableState.holdsMetadata(cluster: c) { return true }
+        return geometry.clusters(covering: header.l1TableOffset, byteCount: UInt64(header.l1Size) * 8).contains(c)
     }
 
     /// Refuses data I/O to `count` bytes at `host` (an L2 entry's target) when they run past the image
@@ -380,7 +348,7 @@ public final class QCow2Engine {
     func markCorrupt(_ reason: String) {
         guard failure == nil else { return }
         markFailed("metadata is corrupt: \(reason)")
-        guard writable, header.version >= 3 else { return }
+        guard writableState != nil, header.version >= 3 else { return }
         let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: 8, alignment: 8)
         bytes.setBE64(header.incompatibleFeatures | FeatureBit.corrupt, at: 0)
         let token = issue(.headerUpdate(buffer: bytes))
