@@ -2,13 +2,13 @@
 //
 // A flush captures epoch E = current and moves new changes to E+1, copying everything dirty at or
 // before E (Q6: changes after the capture go to the live copies and the next flush). Then, skipping
-// empty stages:
-//   A  write dirty refcount blocks; sync       — O1 (counts before references) and O2 (data and COW
-//                                               before the L2 entries that point at them)
-//   B  write changed refcount table entries; sync — O3 (a block before its table entry); a grown
-//      table is written and synced before the header is switched to it, and the switch is synced
-//   C  write dirty L2 tables; sync             — O3 (a new table before its L1 entry)
+// empty stages (FlushStage, in FlushPipeline.swift, gives each one's ordering rule):
+//   A  write dirty refcount blocks; sync       — O1, O2
+//   B  write changed refcount table entries; sync — O3; or a grown table, synced, then the header
+//      switched to it, synced (H3)
+//   C  write dirty L2 tables; sync             — O3
 //   D  write changed L1 sectors; sync
+// FlushPipeline runs that sequence; this file captures the stages and acts on the pipeline's answers,
 // and finally applies the refcount decreases of clusters unlinked at or before E (O4: a removal is
 // durable before the decrease, and freed clusters are reused or punched only then).
 // Flushes that arrive while one runs wait for the next pipeline, which captures them all (group
@@ -26,57 +26,28 @@
 
 import BlockDevice
 
+/// A flush's bookkeeping around its pipeline: who waits for it (group commit) and what it took from the
+/// dirty state.
 struct FlushState {
     enum Member {
         case client(RequestTag)
         case write(WriteID)
     }
 
-    struct Step {
-        enum Kind: String {
-            case refcountBlocks = "refcount block"
-            case newRefcountTable = "new refcount table"
-            case refcountTableSwitch = "header's refcount table fields"
-            case refcountTableEntries = "refcount table"
-            case l2Tables = "L2 table"
-            case l1Table = "L1 table"
-        }
-
-        var kind: Kind
-        var writes: [(offset: UInt64, bytes: UnsafeMutableRawBufferPointer)]
-        var sync: Bool
-    }
-
-    /// The first failure of the running stage.
-    struct Failure {
-        let errno: Int32
-        /// "writing the L2 table at 0x50000", "syncing after the refcount block writes".
-        let what: String
-        let isSync: Bool
-
-        /// Only a write refused for space leaves nothing uncertain behind.
-        var isRecoverable: Bool { !isSync && (errno == ENOSPC_ || errno == EDQUOT_) }
-    }
-
     /// What the running pipeline took from the dirty state, to give back if it fails recoverably.
     struct Captured {
-        var refcounts = RefcountState.Capture()   // its byte buffers belong to the steps; only indices are used
+        var refcounts = RefcountState.Capture()   // its byte buffers belong to the stages; only indices are used
         var l1Sectors: [Int] = []
         var frees: [(generation: UInt64, clusters: [UInt64])] = []
         var oldTableFree: (generation: UInt64, clusters: [UInt64])?
         var data = false
-        /// The header's switch to a new refcount table is durable.
-        var tableSwitched = false
     }
 
-    var running = false
+    var pipeline = FlushPipeline()
+    /// Members of the running pipeline, completed when it finishes.
     var members: [Member] = []
+    /// Members that arrived while it runs: the next pipeline's.
     var queued: [Member] = []
-    var steps: [Step] = []
-    var step = 0
-    var syncing = false
-    var pending = 0
-    var failure: Failure?
     var captured = Captured()
     var frees: [(generation: UInt64, clusters: [UInt64])] = []
     /// Tables whose snapshots this pipeline writes (kept in the cache until then).
@@ -98,24 +69,21 @@ extension QCow2Engine {
     }
 
     private func startFlushIfIdle(_ writing: WritableState) {
-        guard !writing.flush.running, !writing.flush.queued.isEmpty else { return }
+        guard !writing.flush.pipeline.isRunning, !writing.flush.queued.isEmpty else { return }
         writing.flush.members = writing.flush.queued
         writing.flush.queued = []
         if let failure {
             finishFlush(error: BlockError(errno: EIO_, message: "image is read-only after an error: \(failure)"), writing)
             return
         }
-        writing.flush.running = true
         let captured = writing.epoch
         writing.epoch += 1
-        writing.flush.steps = capture(upTo: captured, writing)
-        writing.flush.step = -1
-        writing.flush.failure = nil
-        advanceFlush(writing)
+        let stages = capture(upTo: captured, writing)
+        perform(writing.flush.pipeline.start(stages), writing)
     }
 
     /// Copies everything dirty at or before `e` into the pipeline's stages.
-    private func capture(upTo e: UInt64, _ writing: WritableState) -> [FlushState.Step] {
+    private func capture(upTo e: UInt64, _ writing: WritableState) -> [FlushPipeline.Plan] {
         let g = geometry
         let refs = writing.refcounts.capture(upTo: e)
         var l2: [(UInt64, UnsafeMutableRawBufferPointer)] = []
@@ -146,15 +114,15 @@ extension QCow2Engine {
         writing.unsyncedData = false
         writing.flush.captured = .init(refcounts: refs, l1Sectors: sectors.sorted(), frees: writing.flush.frees, data: data)
 
-        var steps: [FlushState.Step] = []
+        var steps: [FlushPipeline.Plan] = []
         let later = !refs.tableSectors.isEmpty || refs.newTable != nil || !l2.isEmpty || !l1Writes.isEmpty
-        steps.append(.init(kind: .refcountBlocks, writes: refs.blocks, sync: data || !refs.blocks.isEmpty || later))
+        steps.append(.init(stage: .refcountBlocks, writes: refs.blocks, sync: data || !refs.blocks.isEmpty || later))
         if let table = refs.newTable {
-            steps.append(.init(kind: .newRefcountTable, writes: [(table.offset, table.bytes)], sync: true))
+            steps.append(.init(stage: .newRefcountTable, writes: [(table.offset, table.bytes)], sync: true))
             let fields = UnsafeMutableRawBufferPointer.allocate(byteCount: 12, alignment: 8)
             fields.setBE64(table.offset, at: 0)
             fields.storeBytes(of: UInt32(table.clusters).bigEndian, toByteOffset: 8, as: UInt32.self)
-            steps.append(.init(kind: .refcountTableSwitch, writes: [(Header.refcountTableFieldsOffset, fields)], sync: true))
+            steps.append(.init(stage: .refcountTableSwitch, writes: [(Header.refcountTableFieldsOffset, fields)], sync: true))
             // The old table is unreferenced once the switch is durable, at the end of this flush.
             if let old = refs.oldTable {
                 let first = old.offset / g.clusterSize
@@ -164,69 +132,47 @@ extension QCow2Engine {
                 writing.flush.captured.oldTableFree = free
             }
         } else {
-            steps.append(.init(kind: .refcountTableEntries, writes: refs.tableSectors, sync: !refs.tableSectors.isEmpty))
+            steps.append(.init(stage: .refcountTableEntries, writes: refs.tableSectors, sync: !refs.tableSectors.isEmpty))
         }
-        steps.append(.init(kind: .l2Tables, writes: l2, sync: !l2.isEmpty))
-        steps.append(.init(kind: .l1Table, writes: l1Writes, sync: !l1Writes.isEmpty))
+        steps.append(.init(stage: .l2Tables, writes: l2, sync: !l2.isEmpty))
+        steps.append(.init(stage: .l1Table, writes: l1Writes, sync: !l1Writes.isEmpty))
         return steps.filter { !$0.writes.isEmpty || $0.sync }
     }
 
-    /// Issues the next stage's writes, or its sync once the writes are done.
-    private func advanceFlush(_ writing: WritableState) {
-        while true {
-            if writing.flush.step >= 0 && !writing.flush.syncing && writing.flush.steps[writing.flush.step].sync {
-                writing.flush.syncing = true
-                writing.flush.pending = 1
-                outbox.append(.syncFile(issue(.flushStep(buffer: nil, offset: nil))))
-                return
-            }
-            if writing.flush.step >= 0 && writing.flush.steps[writing.flush.step].kind == .refcountTableSwitch { writing.flush.captured.tableSwitched = true }
-            writing.flush.syncing = false
-            writing.flush.step += 1
-            guard writing.flush.step < writing.flush.steps.count else {
-                releaseTables(written: true, writing)
-                retireFrees(writing)
-                finishFlush(error: nil, writing)
-                return
-            }
-            let writes = writing.flush.steps[writing.flush.step].writes
-            writing.flush.steps[writing.flush.step].writes = []
-            if writes.isEmpty { continue }
-            writing.flush.pending = writes.count
+    /// Carries out what the pipeline asks for next.
+    private func perform(_ next: FlushPipeline.Next, _ writing: WritableState) {
+        switch next {
+        case .wait:
+            return
+        case .write(_, let writes):
             for w in writes {
                 outbox.append(.writeFile(issue(.flushStep(buffer: w.bytes, offset: w.offset)), offset: w.offset,
                                          from: UnsafeRawBufferPointer(w.bytes), dsync: false))
             }
-            return
+        case .sync:
+            outbox.append(.syncFile(issue(.flushStep(buffer: nil, offset: nil))))
+        case .done:
+            releaseTables(written: true, writing)
+            retireFrees(writing)
+            finishFlush(error: nil, writing)
+        case .failed(let failure):
+            releaseTables(written: false, writing)
+            let reason = "\(failure.what) failed: \(errnoName(failure.errno))"
+            if failure.isRecoverable {
+                restoreCaptured(writing)
+                finishFlush(error: BlockError(errno: failure.errno, message: "qcow2 metadata: \(reason); a later flush retries"),
+                            writing)
+            } else {
+                markFailed("qcow2 metadata: \(reason)")
+                finishFlush(error: BlockError(errno: EIO_, message: "qcow2 metadata: \(reason); the image is now read-only"),
+                            writing)
+            }
         }
     }
 
     /// `offset`: the write that completed, nil for the stage's sync.
     func flushStepCompleted(offset: UInt64?, errno: Int32?, _ writing: WritableState) {
-        if let errno {
-            let kind = writing.flush.steps[writing.flush.step].kind
-            let what = offset.map { "writing the \(kind.rawValue) at \(hex($0))" }
-                ?? (kind == .refcountBlocks && writing.flush.captured.refcounts.blockIndices.isEmpty
-                    ? "syncing the data written before the flush" : "syncing after the \(kind.rawValue) writes")
-            let failure = FlushState.Failure(errno: errno, what: what, isSync: offset == nil)
-            // An unrecoverable failure wins over a recoverable one of the same stage.
-            if writing.flush.failure.map({ $0.isRecoverable && !failure.isRecoverable }) ?? true { writing.flush.failure = failure }
-        }
-        writing.flush.pending -= 1
-        guard writing.flush.pending == 0 else { return }
-        guard let failure = writing.flush.failure else { return advanceFlush(writing) }
-        // H10: later stages must not run; what is durable is consistent because of the order.
-        for s in writing.flush.steps { for w in s.writes { w.bytes.deallocate() } }
-        writing.flush.steps = []
-        releaseTables(written: false, writing)
-        let reason = "\(failure.what) failed: \(errnoName(failure.errno))"
-        if failure.isRecoverable {
-            restoreCaptured(writing)
-            finishFlush(error: BlockError(errno: failure.errno, message: "qcow2 metadata: \(reason); a later flush retries"), writing)
-        } else {
-            markFailed("qcow2 metadata: \(reason)")
-            finishFlush(error: BlockError(errno: EIO_, message: "qcow2 metadata: \(reason); the image is now read-only"), writing)
-        }
+        perform(writing.flush.pipeline.completed(writeAt: offset, errno: errno), writing)
     }
 
     /// Gives what the failed pipeline captured back to the dirty state, at the current epoch, so the
@@ -234,10 +180,11 @@ extension QCow2Engine {
     /// applied wait for that flush too (O4: their removals are not durable yet).
     private func restoreCaptured(_ writing: WritableState) {
         let c = writing.flush.captured
-        writing.refcounts.recapture(c.refcounts, tableSwitched: c.tableSwitched, epoch: writing.epoch)
+        let switched = writing.flush.pipeline.refcountTableSwitched
+        writing.refcounts.recapture(c.refcounts, tableSwitched: switched, epoch: writing.epoch)
         for s in c.l1Sectors where writing.l1Dirty[s * 64] == nil { writing.l1Dirty[s * 64] = writing.epoch }
         var frees = c.frees
-        if c.tableSwitched, let old = c.oldTableFree { frees.append(old) }
+        if switched, let old = c.oldTableFree { frees.append(old) }
         writing.pendingFrees += frees.map { (writing.epoch, $0.generation, $0.clusters) }
         if c.data { writing.unsyncedData = true }
         writing.flush.frees = []
@@ -299,7 +246,6 @@ extension QCow2Engine {
     private func finishFlush(error: BlockError?, _ writing: WritableState) {
         let members = writing.flush.members
         writing.flush.members = []
-        writing.flush.running = false
         for m in members {
             switch m {
             case .client(let tag): outbox.append(.complete(tag, error.map { .failed($0) } ?? .done))
