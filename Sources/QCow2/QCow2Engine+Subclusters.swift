@@ -140,7 +140,7 @@ extension QCow2Engine {
             abandon(a, writing)
             throw error
         }
-        if writing.allocations[a].pendingCOW == 0 { issueAllocationWrite(a, writing) }
+        allocationReady(a, writing)
     }
 
     private func fillGaps(_ a: AllocationID, mapping: ClusterMapping, bitmap: UInt64, index: Int, oldHost: UInt64,

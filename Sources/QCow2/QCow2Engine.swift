@@ -288,14 +288,8 @@ public final class QCow2Engine {
             backingStatusCompleted(id, length: length, result: result)
         case .writeInPlace(let id):
             inPlaceWriteCompleted(id, errno: errno, writeSide("an in-place write completion"))
-        case .allocationWrite(let a):
-            allocationWritten(a, errno: errno, writeSide("an allocation write completion"))
-        case .cowRead(let a):
-            cowCompleted(a, errno: errno, writeSide("a copy-on-write read completion"))
-        case .cowCompressed(let a, let source, let scratch):
-            cowCompressedRead(a, source: source, scratch: scratch, errno: errno, writeSide("a copy-on-write read completion"))
-        case .cowDecompress(let a, let source, let scratch):
-            cowDecompressed(a, source: source, scratch: scratch, errno: errno, writeSide("a copy-on-write inflate completion"))
+        case .allocationWrite(let a), .cowRead(let a), .cowCompressed(let a, _, _), .cowDecompress(let a, _, _):
+            allocationCompleted(purpose, a, errno: errno, writeSide("an allocation's completion"))
         case .flushStep(let buffer, let offset):
             buffer?.deallocate()
             flushStepCompleted(offset: offset, errno: errno, writeSide("a flush completion"))
