@@ -201,48 +201,6 @@ extension QCow2Engine {
         writing.flush.tables = []
     }
 
-    /// O4: the removals captured by this flush are durable; apply their refcount decreases.
-    private func retireFrees(_ writing: WritableState) {
-        let oldest = writing.oldestInFlight
-        var punchStart: UInt64?
-        var punchCount: UInt64 = 0
-        func punchPending() {
-            guard let start = punchStart else { return }
-            let token = issue(.punch(cluster: start, count: punchCount))
-            outbox.append(.punchFile(token, offset: start * geometry.clusterSize, length: punchCount * geometry.clusterSize))
-            punchStart = nil
-        }
-        for (gen, clusters) in writing.flush.frees {
-            // Punch only what no older I/O can still touch; the rest is simply reusable.
-            let punchable = oldest.map { gen <= $0 } ?? true
-            for c in clusters.sorted() {
-                // An entry that pointed at metadata was unlinked: the metadata stays where it is.
-                if isMetadata(cluster: c) {
-                    markCorrupt("a data reference to metadata cluster \(hex(c * geometry.clusterSize)) was removed")
-                    continue
-                }
-                guard writing.refcounts.release(cluster: c, epoch: writing.epoch) else { continue }
-                guard punchable else {
-                    writing.refcounts.makeReusable(cluster: c, generation: gen)
-                    continue
-                }
-                if let start = punchStart, start + punchCount == c {
-                    punchCount += 1
-                } else {
-                    punchPending()
-                    punchStart = c
-                    punchCount = 1
-                }
-            }
-        }
-        punchPending()
-        writing.flush.frees = []
-    }
-
-    func punchCompleted(cluster: UInt64, count: UInt64, _ writing: WritableState) {
-        for k in 0..<count { writing.refcounts.makeReusable(cluster: cluster + k, generation: 0) }
-    }
-
     private func finishFlush(error: BlockError?, _ writing: WritableState) {
         let members = writing.flush.members
         writing.flush.members = []
