@@ -9,9 +9,9 @@
 
 /// Who is waiting on a slot.
 enum Waiter: Equatable {
-    case read(Int)
-    case status(Int)
-    case write(Int)
+    case read(ReadID)
+    case status(StatusID)
+    case write(WriteID)
 }
 
 final class L2Slot {

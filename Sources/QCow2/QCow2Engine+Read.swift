@@ -10,12 +10,12 @@ import BlockDevice
 extension QCow2Engine {
     public func read(tag: RequestTag, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) {
         var request = ReadRequest(tag: tag, offset: offset, buffer: buffer)
-        if writable { request.generation = pinGeneration() }
+        if let writableState { request.generation = writableState.pinGeneration() }
         let id = reads.insert(request)
         continueRead(id)
     }
 
-    func continueRead(_ id: Int) {
+    func continueRead(_ id: ReadID) {
         reads[id].state = .resolving
         while reads[id].position < reads[id].length {
             let guest = reads[id].offset + reads[id].position
@@ -43,7 +43,7 @@ extension QCow2Engine {
     }
 
     /// Fills or fetches `length` unallocated bytes at the cursor.
-    private func readUnallocated(_ id: Int, length: UInt64) {
+    private func readUnallocated(_ id: ReadID, length: UInt64) {
         let guest = reads[id].offset + reads[id].position
         var fromBacking: UInt64 = 0
         if let backingSize, guest < backingSize {
@@ -60,7 +60,7 @@ extension QCow2Engine {
         }
     }
 
-    private func fillZero(_ id: Int, length: UInt64) {
+    private func fillZero(_ id: ReadID, length: UInt64) {
         let start = reads[id].position
         let slice = UnsafeMutableRawBufferPointer(rebasing: reads[id].buffer[Int(start)..<Int(start + length)])
         slice.initializeMemory(as: UInt8.self, repeating: 0)
@@ -69,7 +69,7 @@ extension QCow2Engine {
     }
 
     /// Handles the run of clusters at the cursor that one L2 table maps, up to `limit` bytes.
-    private func readMapped(_ id: Int, slot: L2Slot, limit: UInt64) throws(QCow2Error) {
+    private func readMapped(_ id: ReadID, slot: L2Slot, limit: UInt64) throws(QCow2Error) {
         let g = geometry
         let guest = reads[id].offset + reads[id].position
         let index = g.l2Index(guest)
@@ -138,7 +138,7 @@ extension QCow2Engine {
         }
     }
 
-    private func readHost(_ id: Int, host: UInt64, length: UInt64) throws(QCow2Error) {
+    private func readHost(_ id: ReadID, host: UInt64, length: UInt64) throws(QCow2Error) {
         guard host >= geometry.clusterSize, host + length <= hostLimit else {
             throw QCow2Error("L2 table", "data cluster at \(hex(host)) lies outside the image file")
         }
@@ -154,11 +154,11 @@ extension QCow2Engine {
     /// allocator's end once this engine has grown the file.
     var hostLimit: UInt64 {
         let fileEnd = (fileSize + geometry.clusterSize - 1) / geometry.clusterSize * geometry.clusterSize
-        guard let refcounts else { return fileEnd }
-        return max(fileEnd, refcounts.endCluster * geometry.clusterSize)
+        guard let writableState else { return fileEnd }
+        return max(fileEnd, writableState.refcounts.endCluster * geometry.clusterSize)
     }
 
-    private func readCompressed(_ id: Int, host: UInt64, byteCount: Int, inCluster: UInt64, length: UInt64) throws(QCow2Error) {
+    private func readCompressed(_ id: ReadID, host: UInt64, byteCount: Int, inCluster: UInt64, length: UInt64) throws(QCow2Error) {
         let cluster = Int(geometry.clusterSize)
         guard byteCount <= 2 * cluster + 512, host < hostLimit else {
             throw QCow2Error("L2 table", "compressed cluster at \(hex(host)) (\(byteCount) bytes) is invalid")
@@ -179,17 +179,17 @@ extension QCow2Engine {
         reads[id].position += length
     }
 
-    func failRead(_ id: Int, _ error: BlockError) {
+    func failRead(_ id: ReadID, _ error: BlockError) {
         if reads[id].error == nil { reads[id].error = error }
         reads[id].position = reads[id].length
         reads[id].state = .draining
         finishReadIfDone(id)
     }
 
-    private func finishReadIfDone(_ id: Int) {
+    private func finishReadIfDone(_ id: ReadID) {
         guard case .draining = reads[id].state, reads[id].pending == 0 else { return }
         let r = reads.remove(id)
-        if let g = r.generation { unpinGeneration(g) }
+        if let g = r.generation { writableState?.unpinGeneration(g) }
         if let error = r.error {
             outbox.append(.complete(r.tag, .failed(error)))
         } else {
@@ -197,13 +197,13 @@ extension QCow2Engine {
         }
     }
 
-    func readDataCompleted(_ id: Int, errno: Int32?) {
+    func readDataCompleted(_ id: ReadID, errno: Int32?) {
         if let errno, reads[id].error == nil { reads[id].error = BlockError(errno: errno) }
         reads[id].pending -= 1
         finishReadIfDone(id)
     }
 
-    func compressedReadCompleted(_ id: Int, source: UnsafeMutableRawBufferPointer, destination: UnsafeMutableRawBufferPointer,
+    func compressedReadCompleted(_ id: ReadID, source: UnsafeMutableRawBufferPointer, destination: UnsafeMutableRawBufferPointer,
                                  copyFrom: Int, copyTo: Int, count: Int, errno: Int32?) {
         if let errno {
             source.deallocate()
@@ -218,7 +218,7 @@ extension QCow2Engine {
         outbox.append(.decompress(token, compression, source: UnsafeRawBufferPointer(source), into: destination))
     }
 
-    func decompressCompleted(_ id: Int, source: UnsafeMutableRawBufferPointer, destination: UnsafeMutableRawBufferPointer,
+    func decompressCompleted(_ id: ReadID, source: UnsafeMutableRawBufferPointer, destination: UnsafeMutableRawBufferPointer,
                              copyFrom: Int, copyTo: Int, count: Int, errno: Int32?) {
         source.deallocate()
         if errno != nil {

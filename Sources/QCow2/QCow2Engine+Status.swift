@@ -12,7 +12,7 @@ extension QCow2Engine {
         continueStatus(id)
     }
 
-    func continueStatus(_ id: Int) {
+    func continueStatus(_ id: StatusID) {
         let g = geometry
         statuses[id].state = .resolving
         let start = statuses[id].offset + statuses[id].covered
@@ -88,7 +88,7 @@ extension QCow2Engine {
 
     /// An unallocated run at the cursor: zeros without a backing image, the backing image's answer
     /// (one level deeper) with one.
-    private func statusUnallocated(_ id: Int, length: UInt64) {
+    private func statusUnallocated(_ id: StatusID, length: UInt64) {
         let start = statuses[id].offset + statuses[id].covered
         if let backingSize, start < backingSize {
             let n = min(length, backingSize - start)
@@ -101,12 +101,12 @@ extension QCow2Engine {
         finishStatus(id)
     }
 
-    private func finishStatus(_ id: Int) {
+    private func finishStatus(_ id: StatusID) {
         let r = statuses.remove(id)
         outbox.append(.complete(r.tag, .extents(r.extents)))
     }
 
-    func backingStatusCompleted(_ id: Int, length: UInt64, result: IOResult) {
+    func backingStatusCompleted(_ id: StatusID, length: UInt64, result: IOResult) {
         switch result {
         case .extents(let extents):
             var covered: UInt64 = 0

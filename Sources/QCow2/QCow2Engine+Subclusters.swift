@@ -10,20 +10,20 @@
 import BlockDevice
 
 extension QCow2Engine {
-    func writeExtended(_ id: Int, slot: L2Slot, index: Int, inCluster: UInt64, segment: UInt64) throws(QCow2Error) {
+    func writeExtended(_ id: WriteID, slot: L2Slot, index: Int, inCluster: UInt64, segment: UInt64, _ writing: WritableState) throws(QCow2Error) {
         let g = geometry
         let (word, bitmap) = slot.entry(index, extended: true)
         let mapping = try L2Entry.decode(word, geometry: g, index: index)
-        let guest = writes[id].offset + writes[id].position
+        let guest = writing.writes[id].offset + writing.writes[id].position
         let unit = g.subclusterSize
         let touched = subclusterMask(from: Int(inCluster / unit), through: Int((inCluster + segment - 1) / unit))
         let wholeCluster = inCluster == 0 && (segment == g.clusterSize || guest + segment == g.virtualSize)
         let wholeSubclusters = inCluster % unit == 0 && ((inCluster + segment) % unit == 0 || guest + segment == g.virtualSize)
-        switch writes[id].kind {
+        switch writing.writes[id].kind {
         case .data(let buffer):
-            let start = Int(writes[id].position)
+            let start = Int(writing.writes[id].position)
             try writeSubclusters(id, slot: slot, index: index, word: word, bitmap: bitmap, mapping: mapping,
-                                 inCluster: inCluster, source: UnsafeRawBufferPointer(rebasing: buffer[start..<start + Int(segment)]))
+                                 inCluster: inCluster, source: UnsafeRawBufferPointer(rebasing: buffer[start..<start + Int(segment)]), writing)
         case .zeroes(let keep):
             let compressed: Bool
             if case .compressed = mapping { compressed = true } else { compressed = false }
@@ -31,7 +31,7 @@ extension QCow2Engine {
                 // Part of a subcluster (or of a compressed cluster): write real zeros.
                 return try writeSubclusters(id, slot: slot, index: index, word: word, bitmap: bitmap, mapping: mapping,
                                             inCluster: inCluster,
-                                            source: UnsafeRawBufferPointer(rebasing: zeroCluster[0..<Int(segment)]))
+                                            source: UnsafeRawBufferPointer(rebasing: writing.zeroCluster[0..<Int(segment)]), writing)
             }
             var newWord = word
             var newBitmap = (bitmap & ~touched) | (touched << 32)
@@ -41,13 +41,13 @@ extension QCow2Engine {
             } else if newBitmap & L2Entry.allAllocated == 0 && !keep {
                 newWord = 0   // nothing allocated is left in the cluster: give it back
             }
-            setExtendedEntry(slot, index, word: newWord, bitmap: newBitmap)
-            writes[id].position += segment
+            setExtendedEntry(slot, index, word: newWord, bitmap: newBitmap, writing)
+            writing.writes[id].position += segment
         case .trim:
-            writes[id].position += segment
+            writing.writes[id].position += segment
             guard wholeCluster else { return }
             let backed = backingSize.map { g.clusterStart(guest) < $0 } ?? false
-            setExtendedEntry(slot, index, word: 0, bitmap: backed ? L2Entry.allZero : 0)
+            setExtendedEntry(slot, index, word: 0, bitmap: backed ? L2Entry.allZero : 0, writing)
         }
     }
 
@@ -55,20 +55,20 @@ extension QCow2Engine {
         ((1 << UInt64(last - first + 1)) - 1) << UInt64(first)
     }
 
-    private func setExtendedEntry(_ slot: L2Slot, _ index: Int, word: UInt64, bitmap: UInt64) {
+    private func setExtendedEntry(_ slot: L2Slot, _ index: Int, word: UInt64, bitmap: UInt64, _ writing: WritableState) {
         let (oldWord, oldBitmap) = slot.entry(index, extended: true)
         guard oldWord != word || oldBitmap != bitmap else { return }
         slot.setEntry(index, word: word, extended: true)
         slot.setBitmap(index, bitmap)
-        markDirty(slot)
+        writing.markDirty(slot)
         if oldWord & L2Entry.offsetMask != word & L2Entry.offsetMask || oldWord & L2Entry.compressedFlag != 0 {
-            queueFree(word: oldWord)
+            queueFree(word: oldWord, writing)
         }
     }
 
     /// Writes `source` at `inCluster` of one cluster, filling in subclusters.
-    private func writeSubclusters(_ id: Int, slot: L2Slot, index: Int, word: UInt64, bitmap: UInt64, mapping: ClusterMapping,
-                                  inCluster: UInt64, source: UnsafeRawBufferPointer) throws(QCow2Error) {
+    private func writeSubclusters(_ id: WriteID, slot: L2Slot, index: Int, word: UInt64, bitmap: UInt64, mapping: ClusterMapping,
+                                  inCluster: UInt64, source: UnsafeRawBufferPointer, _ writing: WritableState) throws(QCow2Error) {
         let g = geometry
         let cluster = g.clusterSize
         let unit = g.subclusterSize
@@ -76,20 +76,20 @@ extension QCow2Engine {
         let first = Int(inCluster / unit)
         let last = Int((inCluster + length - 1) / unit)
         let touched = subclusterMask(from: first, through: last)
-        let guestCluster = (writes[id].offset + writes[id].position) >> UInt64(g.clusterBits)
+        let guestCluster = (writing.writes[id].offset + writing.writes[id].position) >> UInt64(g.clusterBits)
 
         if case .compressed = mapping {
             // H5: inflate, copy the whole cluster, link it with every subcluster allocated.
             return try writeData(id, slot: slot, index: index, mapping: mapping, inCluster: inCluster, source: source,
-                                 maxClusters: 1)
+                                 maxClusters: 1, writing)
         }
         if case .normal(let host, true) = mapping, bitmap & touched == touched {
             // Every touched subcluster already holds data of ours: in place.
             try checkDataTarget(host, count: cluster, entry: index)
             let token = issue(.writeInPlace(request: id))
-            writes[id].pending += 1
+            writing.writes[id].pending += 1
             outbox.append(.writeFile(token, offset: host + inCluster, from: source, dsync: false))
-            writes[id].position += length
+            writing.writes[id].position += length
             return
         }
 
@@ -109,10 +109,10 @@ extension QCow2Engine {
             // Shared with a snapshot: a private copy of the whole cluster.
             shared = true
             oldHost = h
-            host = refcounts!.allocateOne(epoch: epoch, oldestInFlight: oldestInFlight)
+            host = writing.refcounts.allocateOne(epoch: writing.epoch, oldestInFlight: writing.oldestInFlight)
             newBitmap = ((bitmap & L2Entry.allAllocated) | touched) | ((zeroBits & ~touched) << 32)
         case .unallocated:
-            host = refcounts!.allocateOne(epoch: epoch, oldestInFlight: oldestInFlight)
+            host = writing.refcounts.allocateOne(epoch: writing.epoch, oldestInFlight: writing.oldestInFlight)
             newBitmap = touched | ((zeroBits & ~touched) << 32)
         case .zero, .zeroAllocated, .compressed:
             preconditionFailure("not an extended L2 mapping")
@@ -129,22 +129,22 @@ extension QCow2Engine {
         let a = reserve(Allocation(request: id, l1Index: slot.l1Index, firstIndex: index, count: 1, host: host,
                                    oldWords: [word], buffer: buffer, writeOffset: host + UInt64(origin),
                                    source: UnsafeRawBufferPointer(buffer), bitmap: newBitmap, freesOld: !fillIn),
-                        slot: slot, guestCluster: guestCluster)
-        writes[id].pending += 1
-        writes[id].position += length
+                        slot: slot, guestCluster: guestCluster, writing)
+        writing.writes[id].pending += 1
+        writing.writes[id].position += length
         // Fill what the write does not cover, subcluster by subcluster, from the guest view.
         do {
             try fillGaps(a, mapping: mapping, bitmap: bitmap, index: index, oldHost: oldHost, guestCluster: guestCluster,
-                         gaps: [origin..<Int(inCluster), Int(inCluster + length)..<end], origin: origin)
+                         gaps: [origin..<Int(inCluster), Int(inCluster + length)..<end], origin: origin, writing)
         } catch {
-            abandon(a)
+            abandon(a, writing)
             throw error
         }
-        if allocations[a].pendingCOW == 0 { issueAllocationWrite(a) }
+        allocationReady(a, writing)
     }
 
-    private func fillGaps(_ a: Int, mapping: ClusterMapping, bitmap: UInt64, index: Int, oldHost: UInt64,
-                          guestCluster: UInt64, gaps: [Range<Int>], origin: Int) throws(QCow2Error) {
+    private func fillGaps(_ a: AllocationID, mapping: ClusterMapping, bitmap: UInt64, index: Int, oldHost: UInt64,
+                          guestCluster: UInt64, gaps: [Range<Int>], origin: Int, _ writing: WritableState) throws(QCow2Error) {
         let unit = geometry.subclusterSize
         for gap in gaps where !gap.isEmpty {
             var lo = gap.lowerBound
@@ -163,7 +163,7 @@ extension QCow2Engine {
                 case .unallocated, .compressed: view = .unallocated
                 }
                 try copyOnWrite(a, mapping: view, guestCluster: guestCluster, gaps: [(lo - origin)..<(hi - origin)],
-                                origin: origin)
+                                origin: origin, writing)
                 lo = hi
             }
         }

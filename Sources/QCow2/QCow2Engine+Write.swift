@@ -45,7 +45,7 @@ extension QCow2Engine {
     }
 
     private func startWrite(tag: RequestTag, offset: UInt64, length: UInt64, kind: WriteRequest.Kind, fua: Bool) {
-        guard writable else {
+        guard let writing = writableState else {
             outbox.append(.complete(tag, .failed(BlockError(errno: EROFS_))))
             return
         }
@@ -57,110 +57,62 @@ extension QCow2Engine {
             outbox.append(.complete(tag, .done))
             return
         }
-        let id = writes.insert(WriteRequest(tag: tag, offset: offset, length: length, kind: kind, fua: fua,
-                                            generation: pinGeneration()))
-        continueWrite(id)
+        let id = writing.writes.insert(WriteRequest(tag: tag, offset: offset, length: length, kind: kind, fua: fua,
+                                            generation: writing.pinGeneration()))
+        continueWrite(id, writing)
     }
 
-    func continueWrite(_ id: Int) {
+    func continueWrite(_ id: WriteID, _ writing: WritableState) {
         let g = geometry
-        writes[id].state = .resolving
-        while writes[id].position < writes[id].length {
-            let guest = writes[id].offset + writes[id].position
+        writing.writes[id].state = .resolving
+        while writing.writes[id].position < writing.writes[id].length {
+            let guest = writing.writes[id].offset + writing.writes[id].position
             let l1Index = g.l1Index(guest)
-            guard let slot = l2ForWrite(l1Index, request: id) else { return }
+            guard let slot = l2ForWrite(l1Index, request: id, writing) else { return }
             let guestCluster = guest >> UInt64(g.clusterBits)
-            if !reservations.isEmpty, let a = reservations[guestCluster] {
-                allocations[a].waiters.append(id)
-                writes[id].state = .waitingForReservation
+            if !writing.reservations.isEmpty, let a = writing.reservations[guestCluster] {
+                writing.allocations[a].waiters.append(id)
+                writing.writes[id].state = .waitingForReservation
                 return
             }
             let index = g.l2Index(guest)
             let inCluster = g.offsetInCluster(guest)
-            let segment = min(g.clusterSize - inCluster, writes[id].length - writes[id].position)
+            let segment = min(g.clusterSize - inCluster, writing.writes[id].length - writing.writes[id].position)
             do {
                 if g.extendedL2 {
-                    try writeExtended(id, slot: slot, index: index, inCluster: inCluster, segment: segment)
+                    try writeExtended(id, slot: slot, index: index, inCluster: inCluster, segment: segment, writing)
                     continue
                 }
                 let mapping = try L2Entry.decode(slot.entry(index, extended: false).word, geometry: g, index: index)
-                switch writes[id].kind {
+                switch writing.writes[id].kind {
                 case .data(let buffer):
-                    let start = Int(writes[id].position)
+                    let start = Int(writing.writes[id].position)
                     try writeData(id, slot: slot, index: index, mapping: mapping, inCluster: inCluster,
-                                  source: UnsafeRawBufferPointer(rebasing: buffer[start...]), maxClusters: Int.max)
+                                  source: UnsafeRawBufferPointer(rebasing: buffer[start...]), maxClusters: Int.max, writing)
                 case .zeroes(let keep):
                     try zeroCluster(id, slot: slot, index: index, mapping: mapping, inCluster: inCluster,
-                                    segment: segment, keepAllocation: keep)
+                                    segment: segment, keepAllocation: keep, writing)
                 case .trim:
-                    trimCluster(id, slot: slot, index: index, mapping: mapping, inCluster: inCluster, segment: segment)
+                    trimCluster(id, slot: slot, index: index, mapping: mapping, inCluster: inCluster, segment: segment, writing)
                 }
             } catch {
                 markCorrupt(error.description)
-                failWrite(id, BlockError(errno: EIO_, message: error.description))
+                failWrite(id, BlockError(errno: EIO_, message: error.description), writing)
                 return
             }
         }
-        writes[id].state = .draining
-        finishWriteIfDone(id)
-    }
-
-    /// The L2 table for writing at `l1Index`: created when missing, copied when shared with a snapshot
-    /// (COPIED clear in L1), loaded when absent (then nil: the request is parked).
-    private func l2ForWrite(_ l1Index: Int, request id: Int) -> L2Slot? {
-        let entry = l1[l1Index]
-        let g = geometry
-        if entry & L1Entry.offsetMask == 0 {
-            let host = refcounts!.allocateOne(epoch: epoch, oldestInFlight: oldestInFlight)
-            l2TableClusters.insert(host / g.clusterSize)
-            let slot = cache.makeSlot(l1Index: l1Index, hostOffset: host)
-            slot.table.initializeMemory(as: UInt8.self, repeating: 0)
-            slot.dirtyEpoch = epoch
-            cache.insertReady(slot)
-            setL1(l1Index, host | L2Entry.copied)
-            return slot
-        }
-        switch resolveL2(l1Index, waiter: .write(id)) {
-        case .parked:
-            writes[id].state = .waitingForL2(l1Index: l1Index)
-            return nil
-        case .none:
-            preconditionFailure("L1 entry vanished")
-        case .table(let slot):
-            if entry & L2Entry.copied != 0 { return slot }
-            // The table is shared (a snapshot refers to it): write a private copy, whose entries keep
-            // their COPIED bits, so shared data clusters are still copied on write.
-            let host = refcounts!.allocateOne(epoch: epoch, oldestInFlight: oldestInFlight)
-            l2TableClusters.insert(host / g.clusterSize)
-            l2TableClusters.remove(slot.hostOffset / g.clusterSize)
-            let copy = cache.makeSlot(l1Index: l1Index, hostOffset: host)
-            copy.table.copyMemory(from: UnsafeRawBufferPointer(slot.table))
-            copy.dirtyEpoch = epoch
-            cache.remove(l1Index)
-            cache.insertReady(copy)
-            queueFree(clusters: [slot.hostOffset / g.clusterSize])
-            setL1(l1Index, host | L2Entry.copied)
-            return copy
-        }
-    }
-
-    private func setL1(_ index: Int, _ value: UInt64) {
-        l1[index] = value
-        if l1Dirty[index] == nil { l1Dirty[index] = epoch }
-    }
-
-    func markDirty(_ slot: L2Slot) {
-        if slot.dirtyEpoch == nil { slot.dirtyEpoch = epoch }
+        writing.writes[id].state = .draining
+        finishWriteIfDone(id, writing)
     }
 
     /// Writes `source` (starting at the cursor) into the cluster at `index` and, when it can, the
     /// clusters after it.
-    func writeData(_ id: Int, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64,
-                           source: UnsafeRawBufferPointer, maxClusters: Int) throws(QCow2Error) {
+    func writeData(_ id: WriteID, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64,
+                   source: UnsafeRawBufferPointer, maxClusters: Int, _ writing: WritableState) throws(QCow2Error) {
         let g = geometry
         let cluster = g.clusterSize
         let remaining = UInt64(source.count)
-        let guest = writes[id].offset + writes[id].position
+        let guest = writing.writes[id].offset + writing.writes[id].position
         let guestCluster = guest >> UInt64(g.clusterBits)
 
         if case .normal(let host, true) = mapping {
@@ -169,7 +121,7 @@ extension QCow2Engine {
             var next = index + 1
             var expected = host + cluster
             while length < remaining && next < g.l2Entries && next - index < maxClusters,
-                  reservations[guestCluster + UInt64(next - index)] == nil,
+                  writing.reservations[guestCluster + UInt64(next - index)] == nil,
                   case .normal(let h, true) = try L2Entry.decode(slot.entry(next, extended: g.extendedL2).word, geometry: g, index: next),
                   h == expected {
                 length += min(cluster, remaining - length)
@@ -178,10 +130,10 @@ extension QCow2Engine {
             }
             try checkDataTarget(host + inCluster, count: length, entry: index)
             let token = issue(.writeInPlace(request: id))
-            writes[id].pending += 1
+            writing.writes[id].pending += 1
             outbox.append(.writeFile(token, offset: host + inCluster,
                                      from: UnsafeRawBufferPointer(rebasing: source[0..<Int(length)]), dsync: false))
-            writes[id].position += length
+            writing.writes[id].position += length
             return
         }
 
@@ -189,12 +141,12 @@ extension QCow2Engine {
             // Whole clusters: allocate a contiguous run and write it straight from the caller's buffer.
             var count = 1
             while count < maxClusters && UInt64(count + 1) * cluster <= remaining && index + count < g.l2Entries,
-                  reservations[guestCluster + UInt64(count)] == nil {
+                  writing.reservations[guestCluster + UInt64(count)] == nil {
                 let word = slot.entry(index + count, extended: g.extendedL2).word
                 if case .normal(_, true) = try L2Entry.decode(word, geometry: g, index: index + count) { break }
                 count += 1
             }
-            let run = refcounts!.allocateRun(upTo: count, epoch: epoch, oldestInFlight: oldestInFlight)
+            let run = writing.refcounts.allocateRun(upTo: count, epoch: writing.epoch, oldestInFlight: writing.oldestInFlight)
             let host = run.host
             count = run.count
             let old = (0..<count).map { slot.entry(index + $0, extended: g.extendedL2).word }
@@ -202,17 +154,17 @@ extension QCow2Engine {
             let a = reserve(Allocation(request: id, l1Index: slot.l1Index, firstIndex: index, count: count, host: host,
                                        oldWords: old, buffer: nil, writeOffset: host,
                                        source: UnsafeRawBufferPointer(rebasing: source[0..<length])),
-                            slot: slot, guestCluster: guestCluster)
-            writes[id].pending += 1
-            writes[id].position += UInt64(length)
-            issueAllocationWrite(a)
+                            slot: slot, guestCluster: guestCluster, writing)
+            writing.writes[id].pending += 1
+            writing.writes[id].position += UInt64(length)
+            allocationReady(a, writing)
             return
         }
 
         // Part of one cluster: the rest comes from the cluster's old contents.
         let length = min(cluster - inCluster, remaining)
-        let endBefore = refcounts!.endCluster
-        let host = refcounts!.allocateOne(epoch: epoch, oldestInFlight: oldestInFlight)
+        let endBefore = writing.refcounts.endCluster
+        let host = writing.refcounts.allocateOne(epoch: writing.epoch, oldestInFlight: writing.oldestInFlight)
         let fresh = host / cluster >= endBefore
         let readsZero: Bool
         switch mapping {
@@ -222,279 +174,61 @@ extension QCow2Engine {
         }
         let old = [slot.entry(index, extended: g.extendedL2).word]
         let data = UnsafeRawBufferPointer(rebasing: source[0..<Int(length)])
-        writes[id].pending += 1
-        writes[id].position += length
+        writing.writes[id].pending += 1
+        writing.writes[id].position += length
         if fresh && readsZero {
             // A cluster past the old end of the file reads as zeros already: write only the new bytes.
             let a = reserve(Allocation(request: id, l1Index: slot.l1Index, firstIndex: index, count: 1, host: host,
                                        oldWords: old, buffer: nil, writeOffset: host + inCluster, source: data),
-                            slot: slot, guestCluster: guestCluster)
-            issueAllocationWrite(a)
+                            slot: slot, guestCluster: guestCluster, writing)
+            allocationReady(a, writing)
             return
         }
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(cluster), alignment: 4096)
         (buffer.baseAddress! + Int(inCluster)).copyMemory(from: data.baseAddress!, byteCount: Int(length))
         let a = reserve(Allocation(request: id, l1Index: slot.l1Index, firstIndex: index, count: 1, host: host,
                                    oldWords: old, buffer: buffer, writeOffset: host, source: UnsafeRawBufferPointer(buffer)),
-                        slot: slot, guestCluster: guestCluster)
+                        slot: slot, guestCluster: guestCluster, writing)
         let gaps = [0..<Int(inCluster), Int(inCluster + length)..<Int(cluster)].filter { !$0.isEmpty }
         do {
-            try copyOnWrite(a, mapping: mapping, guestCluster: guestCluster, gaps: gaps)
+            try copyOnWrite(a, mapping: mapping, guestCluster: guestCluster, gaps: gaps, writing)
         } catch {
-            abandon(a)
+            abandon(a, writing)
             throw error
         }
-        if allocations[a].pendingCOW == 0 { issueAllocationWrite(a) }
+        allocationReady(a, writing)
     }
 
-    func reserve(_ allocation: Allocation, slot: L2Slot, guestCluster: UInt64) -> Int {
-        let a = allocations.insert(allocation)
-        for k in 0..<UInt64(allocation.count) { reservations[guestCluster + k] = a }
-        slot.pins += 1
-        return a
-    }
-
-    /// Fills `gaps` of the allocation's buffer with the guest view of the old cluster (H4, H5).
-    /// `origin` is the offset in the cluster that the buffer's first byte stands for (non-zero when only
-    /// some subclusters are assembled); `gaps` are in buffer coordinates.
-    func copyOnWrite(_ a: Int, mapping: ClusterMapping, guestCluster: UInt64, gaps: [Range<Int>],
-                     origin: Int = 0) throws(QCow2Error) {
-        let buffer = allocations[a].buffer!
-        let cluster = geometry.clusterSize
-        func zero(_ r: Range<Int>) { UnsafeMutableRawBufferPointer(rebasing: buffer[r]).initializeMemory(as: UInt8.self, repeating: 0) }
-        switch mapping {
-        case .zero, .zeroAllocated:
-            gaps.forEach(zero)
-        case .unallocated:
-            let base = guestCluster * cluster + UInt64(origin)
-            for gap in gaps {
-                let backed = backingSize.map { $0 > base + UInt64(gap.lowerBound) ? Int(min(UInt64(gap.upperBound), $0 - base)) : gap.lowerBound } ?? gap.lowerBound
-                if backed > gap.lowerBound {
-                    let token = issue(.cowRead(allocation: a))
-                    allocations[a].pendingCOW += 1
-                    outbox.append(.readBacking(token, offset: base + UInt64(gap.lowerBound),
-                                               into: UnsafeMutableRawBufferPointer(rebasing: buffer[gap.lowerBound..<backed])))
-                }
-                if backed < gap.upperBound { zero(backed..<gap.upperBound) }
-            }
-        case .normal(let host, _):
-            guard host + cluster <= hostLimit else {
-                throw QCow2Error("L2 table", "data cluster at \(hex(host)) lies outside the image file")
-            }
-            for gap in gaps {
-                let token = issue(.cowRead(allocation: a))
-                allocations[a].pendingCOW += 1
-                outbox.append(.readFile(token, offset: host + UInt64(origin + gap.lowerBound),
-                                        into: UnsafeMutableRawBufferPointer(rebasing: buffer[gap])))
-            }
-        case .compressed(let host, let byteCount):
-            guard byteCount <= 2 * Int(cluster) + 512, host < hostLimit else {
-                throw QCow2Error("L2 table", "compressed cluster at \(hex(host)) (\(byteCount) bytes) is invalid")
-            }
-            let source = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(min(UInt64(byteCount), hostLimit - host)), alignment: 16)
-            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(cluster), alignment: 16)
-            let token = issue(.cowCompressed(allocation: a, source: source, scratch: scratch))
-            allocations[a].pendingCOW += 1
-            allocations[a].cowGaps = gaps
-            allocations[a].cowOrigin = origin
-            outbox.append(.readFile(token, offset: host, into: source))
-        }
-    }
-
-    /// An allocation whose old contents turned out to be unreadable (corrupt metadata): undone as if
-    /// its write had failed, once any copy-on-write reads already issued are back, so that its request
-    /// is answered and its reservation released instead of hanging everyone behind it.
-    func abandon(_ a: Int) {
-        if allocations[a].pendingCOW == 0 {
-            allocationWritten(a, errno: EIO_)
-        } else if allocations[a].error == nil {
-            allocations[a].error = EIO_
-        }
-    }
-
-    func issueAllocationWrite(_ a: Int) {
-        let token = issue(.allocationWrite(allocation: a))
-        outbox.append(.writeFile(token, offset: allocations[a].writeOffset, from: allocations[a].source, dsync: false))
-    }
-
-    func cowCompleted(_ a: Int, errno: Int32?) {
-        if let errno, allocations[a].error == nil { allocations[a].error = errno }
-        allocations[a].pendingCOW -= 1
-        guard allocations[a].pendingCOW == 0 else { return }
-        if allocations[a].error != nil { return allocationWritten(a, errno: allocations[a].error) }
-        issueAllocationWrite(a)
-    }
-
-    func cowCompressedRead(_ a: Int, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, errno: Int32?) {
-        if let errno {
-            source.deallocate()
-            scratch.deallocate()
-            return cowCompleted(a, errno: errno)
-        }
-        let token = issue(.cowDecompress(allocation: a, source: source, scratch: scratch))
-        outbox.append(.decompress(token, compression, source: UnsafeRawBufferPointer(source), into: scratch))
-    }
-
-    func cowDecompressed(_ a: Int, source: UnsafeMutableRawBufferPointer, scratch: UnsafeMutableRawBufferPointer, errno: Int32?) {
-        source.deallocate()
-        if errno == nil, let buffer = allocations[a].buffer {
-            for gap in allocations[a].cowGaps {
-                (buffer.baseAddress! + gap.lowerBound).copyMemory(from: scratch.baseAddress! + allocations[a].cowOrigin + gap.lowerBound,
-                                                                  byteCount: gap.count)
-            }
-        }
-        scratch.deallocate()
-        cowCompleted(a, errno: errno == nil ? nil : EIO_)
-    }
-
-    /// The allocation's data is in the file: link it (or give the clusters back on error).
-    func allocationWritten(_ a: Int, errno: Int32?) {
-        let allocation = allocations.remove(a)
-        let g = geometry
-        let guestCluster = UInt64(allocation.l1Index) << UInt64(g.l2Bits) + UInt64(allocation.firstIndex)
-        for k in 0..<UInt64(allocation.count) { reservations[guestCluster + k] = nil }
-        allocation.buffer?.deallocate()
-        let slot = cache[allocation.l1Index]
-        slot?.pins -= 1
-        let id = allocation.request
-        if let errno {
-            // Never linked: the new clusters go back to the allocator once nothing can be writing them
-            // (a fill-in of subclusters wrote into a cluster that stays ours).
-            if allocation.freesOld { queueFree(clusters: (0..<UInt64(allocation.count)).map { allocation.host / g.clusterSize + $0 }) }
-            if writes[id].error == nil { writes[id].error = BlockError(errno: errno) }
-        } else if let slot {
-            unsyncedData = true
-            for k in 0..<allocation.count {
-                // O2: the data is in the file now; the flush makes it durable (sync #1) before this
-                // entry is written (stage C).
-                let word = L2Entry.normal(host: allocation.host + UInt64(k) * g.clusterSize)
-                slot.setEntry(allocation.firstIndex + k, word: word, extended: g.extendedL2)
-                if g.extendedL2 {
-                    slot.setBitmap(allocation.firstIndex + k, allocation.bitmap ?? L2Entry.allAllocated)
-                }
-                if allocation.freesOld { queueFree(word: allocation.oldWords[k]) }
-            }
-            markDirty(slot)
-        }
-        writes[id].pending -= 1
-        for w in allocation.waiters { continueWrite(w) }
-        finishWriteIfDone(id)
-    }
-
-    func inPlaceWriteCompleted(_ id: Int, errno: Int32?) {
-        if let errno, writes[id].error == nil { writes[id].error = BlockError(errno: errno) }
-        unsyncedData = true
-        writes[id].pending -= 1
-        finishWriteIfDone(id)
-    }
-
-    // MARK: - Zeroes and trims
-
-    private func zeroCluster(_ id: Int, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64,
-                             segment: UInt64, keepAllocation: Bool) throws(QCow2Error) {
-        let guest = writes[id].offset + writes[id].position
-        let whole = inCluster == 0 && (segment == geometry.clusterSize || guest + segment == geometry.virtualSize)
-        let backed = backingSize.map { geometry.clusterStart(guest) < $0 } ?? false
-        let alreadyZero: Bool
-        switch mapping {
-        case .zero, .zeroAllocated: alreadyZero = true
-        case .unallocated: alreadyZero = !backed
-        case .normal, .compressed: alreadyZero = false
-        }
-        if alreadyZero {
-            writes[id].position += segment
-            return
-        }
-        if whole && header.version >= 3 {
-            var word = L2Entry.zeroFlag
-            if keepAllocation, case .normal(let host, true) = mapping {
-                word = host | L2Entry.copied | L2Entry.zeroFlag
-            }
-            setEntry(slot, index, word)
-            writes[id].position += segment
-            return
-        }
-        if whole && !backed {
-            setEntry(slot, index, 0)
-            writes[id].position += segment
-            return
-        }
-        try writeData(id, slot: slot, index: index, mapping: mapping, inCluster: inCluster,
-                      source: UnsafeRawBufferPointer(rebasing: zeroCluster[0..<Int(segment)]), maxClusters: 1)
-    }
-
-    private func trimCluster(_ id: Int, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64, segment: UInt64) {
-        let guest = writes[id].offset + writes[id].position
-        writes[id].position += segment
-        // TRIM is advisory: partial clusters are left alone.
-        guard inCluster == 0 && (segment == geometry.clusterSize || guest + segment == geometry.virtualSize) else { return }
-        let backed = backingSize.map { geometry.clusterStart(guest) < $0 } ?? false
-        if backed {
-            // The backing data must stay hidden: a zero cluster (v3), or leave it (v2 cannot say zero).
-            guard header.version >= 3 else { return }
-            if mapping != .zero { setEntry(slot, index, L2Entry.zeroFlag) }
-        } else if mapping != .unallocated {
-            setEntry(slot, index, 0)
-        }
-    }
-
-    /// A metadata-only change of one entry; the old cluster is freed once the change is durable.
-    func setEntry(_ slot: L2Slot, _ index: Int, _ word: UInt64) {
-        let old = slot.entry(index, extended: false).word
-        guard old != word else { return }
-        slot.setEntry(index, word: word, extended: false)
-        markDirty(slot)
-        if old & L2Entry.offsetMask != word & L2Entry.offsetMask || old & L2Entry.compressedFlag != 0 {
-            queueFree(word: old)
-        }
-    }
-
-    // MARK: - Frees
-
-    /// Queues the host clusters an entry referenced for a refcount decrease after the next flush (O4).
-    func queueFree(word: UInt64) {
-        guard let mapping = try? L2Entry.decode(word, geometry: geometry, index: 0) else { return }
-        let c = geometry.clusterSize
-        switch mapping {
-        case .normal(let host, _), .zeroAllocated(let host, _):
-            queueFree(clusters: [host / c])
-        case .compressed(let host, let n):
-            // One reference per compressed cluster on every host cluster its bytes touch (H5).
-            queueFree(clusters: Array((host / c)...((host + UInt64(n) - 1) / c)))
-        case .unallocated, .zero:
-            break
-        }
-    }
-
-    func queueFree(clusters: [UInt64]) {
-        guard !clusters.isEmpty else { return }
-        generation += 1
-        pendingFrees.append((epoch, generation, clusters))
+    func inPlaceWriteCompleted(_ id: WriteID, errno: Int32?, _ writing: WritableState) {
+        if let errno, writing.writes[id].error == nil { writing.writes[id].error = BlockError(errno: errno) }
+        writing.unsyncedData = true
+        writing.writes[id].pending -= 1
+        finishWriteIfDone(id, writing)
     }
 
     // MARK: - Finishing
 
-    func failWrite(_ id: Int, _ error: BlockError) {
-        if writes[id].error == nil { writes[id].error = error }
-        writes[id].position = writes[id].length
-        writes[id].state = .draining
-        finishWriteIfDone(id)
+    func failWrite(_ id: WriteID, _ error: BlockError, _ writing: WritableState) {
+        if writing.writes[id].error == nil { writing.writes[id].error = error }
+        writing.writes[id].position = writing.writes[id].length
+        writing.writes[id].state = .draining
+        finishWriteIfDone(id, writing)
     }
 
-    private func finishWriteIfDone(_ id: Int) {
-        guard case .draining = writes[id].state, writes[id].pending == 0 else { return }
-        if writes[id].error == nil && writes[id].fua {
+    func finishWriteIfDone(_ id: WriteID, _ writing: WritableState) {
+        guard case .draining = writing.writes[id].state, writing.writes[id].pending == 0 else { return }
+        if writing.writes[id].error == nil && writing.writes[id].fua {
             // FUA: the write is answered once a flush covering it is durable.
-            writes[id].state = .flushing
-            requestFlush(.write(id))
+            writing.writes[id].state = .flushing
+            requestFlush(.write(id), writing)
             return
         }
-        completeWrite(id, error: writes[id].error)
+        completeWrite(id, error: writing.writes[id].error, writing)
     }
 
-    func completeWrite(_ id: Int, error: BlockError?) {
-        let r = writes.remove(id)
-        unpinGeneration(r.generation)
+    func completeWrite(_ id: WriteID, error: BlockError?, _ writing: WritableState) {
+        let r = writing.writes.remove(id)
+        writing.unpinGeneration(r.generation)
         outbox.append(.complete(r.tag, error.map { .failed($0) } ?? .done))
     }
 }

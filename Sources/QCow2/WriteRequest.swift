@@ -1,4 +1,4 @@
-// Write-side requests: guest writes (data, zeroes, trims) and the cluster allocations they create.
+// A guest write, zero or trim in flight (the allocations it creates are in Allocation.swift).
 
 import BlockDevice
 
@@ -33,37 +33,4 @@ struct WriteRequest {
     var position: UInt64 = 0
     var pending = 0
     var error: BlockError?
-}
-
-/// A run of guest clusters being allocated: reserved (no other writer may touch them), given host
-/// clusters, filled (with COW for a partial write) and finally linked into the L2 table.
-struct Allocation {
-    let request: Int
-    let l1Index: Int
-    /// L2 index of the first cluster.
-    let firstIndex: Int
-    let count: Int
-    /// Host offset of the first new cluster; the run is contiguous on the host.
-    let host: UInt64
-    /// The entries being replaced, for deferred frees after the link.
-    let oldWords: [UInt64]
-    /// Assembly buffer for a partial write (head COW + data + tail COW); nil when writing straight from
-    /// the request.
-    var buffer: UnsafeMutableRawBufferPointer?
-    /// What to write, and where, once COW reads are done.
-    var writeOffset: UInt64
-    var source: UnsafeRawBufferPointer
-    var pendingCOW = 0
-    /// Extended L2: the subcluster bitmap to link with (nil: every subcluster allocated).
-    var bitmap: UInt64?
-    /// Whether the old entries lose their clusters at the link (false when subclusters are filled in
-    /// inside a cluster that is already ours).
-    var freesOld = true
-    /// The cluster offset that the assembly buffer's first byte stands for.
-    var cowOrigin = 0
-    /// Ranges of the buffer a compressed old cluster fills once inflated.
-    var cowGaps: [Range<Int>] = []
-    var error: Int32?
-    /// Writers parked on these guest clusters.
-    var waiters: [Int] = []
 }

@@ -195,7 +195,7 @@ struct EngineFlushTests {
             offset += length
         }
         // Fill to just under what the first table can count (16384 clusters).
-        while shell.engine.refcounts!.endCluster < 16384 - 1600 {
+        while shell.engine.writableState!.refcounts.endCluster < 16384 - 1600 {
             put(256 << 10)
             shell.runAll()
         }
@@ -217,7 +217,7 @@ struct EngineFlushTests {
         #expect(firstStage > 0 && shell.held.allSatisfy(\.isWriteFile))
         // Meanwhile a write needs refblocks past the table's end: the table grows in memory.
         put(1 << 20)
-        #expect(shell.engine.refcounts!.tableClusters == 1 && shell.engine.refcounts!.table.count > 64)
+        #expect(shell.engine.writableState!.refcounts.tableClusters == 1 && shell.engine.writableState!.refcounts.table.count > 64)
         shell.runAll(.random(5))
         #expect(shell.succeeded(f1))
         #expect(shell.file.be64(48) == before)   // that flush captured before the growth
@@ -248,7 +248,7 @@ struct EngineFlushTests {
             shell.write(RequestTag(k + 1), k << 20, x)
             model.put(x, at: k << 20)
             shell.runAll()
-            if let m = shell.engine.refcounts!.movedTable, grown.last?.offset != m.offset { grown.append((m.offset, m.clusters)) }
+            if let m = shell.engine.writableState!.refcounts.movedTable, grown.last?.offset != m.offset { grown.append((m.offset, m.clusters)) }
         }
         #expect(grown.map(\.clusters) == [3, 5])
         shell.flush(100)
@@ -323,7 +323,7 @@ struct EngineFlushTests {
         shell.flush(11)
         shell.runAll()
         flushedModel = model
-        #expect(shell.engine.refcounts!.refcount(ofCluster: shared / u) == 0)
+        #expect(shell.engine.writableState!.refcounts.refcount(ofCluster: shared / u) == 0)
         put(12, 5 * cs, patternBytes(17, cs))
         put(13, 4 * tableSpan + 3, patternBytes(18, 9))
         shell.runAll()

@@ -58,7 +58,7 @@ struct HostileWriteTests {
         shell.flush(2)
         shell.runAll()
         #expect(!shell.log.contains { if case .punch = $0.op { true } else { false } })
-        #expect(shell.engine.refcounts!.refcount(ofCluster: 2) == 1)
+        #expect(shell.engine.writableState!.refcounts.refcount(ofCluster: 2) == 1)
         #expect(shell.engine.failure != nil)
     }
 
@@ -76,7 +76,7 @@ struct HostileWriteTests {
         #expect(shell.error(1)?.errno == 5)
         #expect(shell.error(2)?.errno == 5)
         #expect(shell.engine.activeRequests == 0)
-        #expect(shell.engine.reservations.isEmpty)
+        #expect(shell.engine.writableState!.reservations.isEmpty)
     }
 
     private func setRefcount(_ img: inout TestImage, cluster: Int, to value: UInt64) {

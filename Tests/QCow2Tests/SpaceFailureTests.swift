@@ -71,13 +71,13 @@ struct SpaceFailureTests {
         #expect(flushFailing(shell, 10, kind, errno: errno))
         #expect(shell.error(10)?.errno == errno)
         // The trimmed cluster's removal was never durable: it is still counted and not handed out.
-        #expect(shell.engine.refcounts!.refcount(ofCluster: trimmed) == 1)
+        #expect(shell.engine.writableState!.refcounts.refcount(ofCluster: trimmed) == 1)
         // Space is back: writes go on, and one flush makes everything durable.
         put(12, 5 * cs, patternBytes(6, cs))
         shell.runAll()
         #expect(shell.succeeded(12))
         flushAndCheck(shell, tag: 13, model: model, noLeaks: false)
-        #expect(shell.engine.refcounts!.refcount(ofCluster: trimmed) == 0)
+        #expect(shell.engine.writableState!.refcounts.refcount(ofCluster: trimmed) == 0)
         // The trim's decrease, applied at the end of that flush, is durable after the next.
         flushAndCheck(shell, tag: 14, model: model)
         expectCrashOrder(shell.log)
@@ -98,7 +98,7 @@ struct SpaceFailureTests {
             model.put(x, at: k << 20)
             shell.runAll()
         }
-        let moved = try #require(shell.engine.refcounts!.movedTable)
+        let moved = try #require(shell.engine.writableState!.refcounts.movedTable)
         let oldTable = shell.file.be64(48)
         #expect(flushFailing(shell, 20, kind, errno: 28))
         #expect(shell.error(20)?.errno == 28 && shell.engine.failure == nil)
@@ -113,7 +113,7 @@ struct SpaceFailureTests {
         shell.flush(22)
         shell.runAll()
         #expect(shell.succeeded(22))
-        #expect(shell.file.be64(48) == shell.engine.refcounts!.tableOffset && shell.file.be64(48) != oldTable)
+        #expect(shell.file.be64(48) == shell.engine.writableState!.refcounts.tableOffset && shell.file.be64(48) != oldTable)
         expectCrashOrder(shell.log)
         // The old table's free, applied at the end of that flush, is durable after the next: no leaks.
         shell.flush(23)
@@ -138,7 +138,7 @@ struct SpaceFailureTests {
             put(k)
             shell.runAll()
         }
-        let first = try #require(shell.engine.refcounts!.movedTable)
+        let first = try #require(shell.engine.writableState!.refcounts.movedTable)
         shell.flush(100)
         shell.runAll(keep: target)
         #expect(shell.indices(target).count == 1)
@@ -147,14 +147,14 @@ struct SpaceFailureTests {
             put(k)
             shell.runAll(keep: target)
         }
-        let second = try #require(shell.engine.refcounts!.movedTable)
+        let second = try #require(shell.engine.writableState!.refcounts.movedTable)
         #expect(second.clusters > first.clusters)
         #expect(shell.run(first: target, fail: 28))
         shell.runAll()
         #expect(shell.error(100)?.errno == 28)
         // The refused table was never referenced: it is free again, not leaked.
         let c = UInt64(first.offset) / u
-        #expect((0..<UInt64(first.clusters)).allSatisfy { shell.engine.refcounts!.refcount(ofCluster: c + $0) == 0 })
+        #expect((0..<UInt64(first.clusters)).allSatisfy { shell.engine.writableState!.refcounts.refcount(ofCluster: c + $0) == 0 })
         shell.flush(101)
         shell.runAll()
         #expect(shell.succeeded(101) && shell.file.be64(48) == second.offset)

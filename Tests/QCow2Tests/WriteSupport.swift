@@ -406,7 +406,7 @@ final class WriteShell {
         if o == Header.refcountTableFieldsOffset && bytes.count == 12 { return .header }
         let h = engine.header
         if o >= h.l1TableOffset && o < h.l1TableOffset + UInt64(h.l1Size) * 8 { return .l1 }
-        let r = engine.refcounts!
+        let r = engine.writableState!.refcounts
         if o % c == 0 && r.table.contains(o) { return .refblock }
         if o >= r.tableOffset && o < r.tableOffset + UInt64(r.tableClusters) * c { return .reftable }
         if o % c == 0 && engine.l1.contains(where: { $0 & L1Entry.offsetMask == o }) { return .l2 }

@@ -49,7 +49,7 @@ struct EngineWriteTests {
         let img = writableImage { $0.l2Table(0) }
         let table = img.l1[0] & L1Entry.offsetMask
         let shell = try WriteShell(img)
-        let end = shell.engine.refcounts!.endCluster
+        let end = shell.engine.writableState!.refcounts.endCluster
         let host = end * u
         var model = img.expected
         let a = patternBytes(1, 100), b = patternBytes(2, 150), c = patternBytes(3, 60)
@@ -65,16 +65,16 @@ struct EngineWriteTests {
         // the others are parked on its reservation.
         #expect(shell.held.count == 1)
         #expect(writeAt(shell.held[0])! == (host + 10, 100))
-        #expect(shell.engine.refcounts!.endCluster == end + 1)
-        #expect(shell.engine.reservations.count == 1)
+        #expect(shell.engine.writableState!.refcounts.endCluster == end + 1)
+        #expect(shell.engine.writableState!.reservations.count == 1)
         shell.run(0)
         // Linked: both waiters re-resolve and write in place into the same host cluster.
         #expect(shell.done(1) && !shell.done(2) && !shell.done(3))
         #expect(shell.held.compactMap(writeAt).map(\.offset) == [host + 300, host + 50])
-        #expect(shell.engine.reservations.isEmpty)
+        #expect(shell.engine.writableState!.reservations.isEmpty)
         shell.runAll(.lifo)
         #expect(shell.finished == [1, 3, 2])
-        #expect(shell.engine.refcounts!.endCluster == end + 1)
+        #expect(shell.engine.writableState!.refcounts.endCluster == end + 1)
         let dataWrites = shell.log.filter { $0.issued && $0.op != .read(table, cs) }
         #expect(dataWrites.allSatisfy { if case .write(let o, _) = $0.op { o / u == end } else { false } })
         flushAndCheck(shell, tag: 9, model: model)
@@ -90,7 +90,7 @@ struct EngineWriteTests {
         let old = img.file.be64(Int(img.l1[0] & L1Entry.offsetMask) + 16) & L2Entry.offsetMask
         img.file.setBE16(2, at: 2 * cs + 2 * Int(old / u))   // a snapshot holds the other reference
         let shell = try WriteShell(img)
-        let end = shell.engine.refcounts!.endCluster
+        let end = shell.engine.writableState!.refcounts.endCluster
         var model = img.expected
         let a = patternBytes(21, 40), b = patternBytes(22, 40)
         shell.write(1, 2 * cs + 100, a)
@@ -104,10 +104,10 @@ struct EngineWriteTests {
         #expect(shell.succeeded(1) && shell.succeeded(2))
         #expect(shell.log.filter { $0.issued && $0.op == .write(end * u, cs) }.count == 1)
         #expect(shell.log.contains { $0.issued && $0.op == .write(end * u + 400, 40) })
-        #expect(shell.engine.refcounts!.endCluster == end + 1)
+        #expect(shell.engine.writableState!.refcounts.endCluster == end + 1)
         // The shared cluster is only dereferenced: 2 → 1 (the leak is the faked snapshot's reference).
         flushAndCheck(shell, tag: 9, model: model, noLeaks: false)
-        #expect(shell.engine.refcounts!.refcount(ofCluster: old / u) == 1)
+        #expect(shell.engine.writableState!.refcounts.refcount(ofCluster: old / u) == 1)
         flushAndCheck(shell, tag: 10, model: model, noLeaks: false)
         #expect(ImageCheck(shell.durable).leaks == [old / u])
     }
@@ -116,7 +116,7 @@ struct EngineWriteTests {
     @Test func writesIntoANewTableDoNotWaitForEachOther() throws {
         let img = writableImage()
         let shell = try WriteShell(img)
-        let end = shell.engine.refcounts!.endCluster
+        let end = shell.engine.writableState!.refcounts.endCluster
         var model = img.expected
         let a = patternBytes(1, 200), b = patternBytes(2, 2 * cs), c = patternBytes(3, 5)
         shell.write(1, tableSpan + 100, a)           // cluster 64: creates table 1
@@ -129,7 +129,7 @@ struct EngineWriteTests {
         #expect(shell.held.count == 3 && shell.held.allSatisfy(\.isWriteFile))
         #expect(shell.engine.l1[1] == end * u | L2Entry.copied)
         #expect(shell.held.compactMap(writeAt).map(\.offset) == [(end + 1) * u + 100, (end + 2) * u, (end + 4) * u + 7])
-        #expect(shell.engine.refcounts!.endCluster == end + 5)
+        #expect(shell.engine.writableState!.refcounts.endCluster == end + 5)
         shell.runAll(.lifo)
         #expect(shell.finished == [3, 2, 1])
         #expect(shell.engine.l1[1] == end * u | L2Entry.copied)
@@ -167,7 +167,7 @@ struct EngineWriteTests {
         let backing = patternBytes(30, 2 * tableSpan)
         let img = writableImage(backing: true) { $0.l2Table(0) }
         let shell = try WriteShell(img, backing: backing)
-        let host = shell.engine.refcounts!.endCluster * u
+        let host = shell.engine.writableState!.refcounts.endCluster * u
         var model = img.guestBytes(0, Int(img.header.size), backing: backing)
         let old = Array(model[cs..<2 * cs])
         let a = patternBytes(31, 50)
@@ -349,7 +349,7 @@ struct EngineWriteTests {
         shell.runAll(keep: inFlightRead)
         #expect(shell.succeeded(3))
         // The removal is durable and the count dropped to zero, but the read still runs: no punch, no reuse.
-        #expect(shell.engine.refcounts!.refcount(ofCluster: host0 / u) == 0)
+        #expect(shell.engine.writableState!.refcounts.refcount(ofCluster: host0 / u) == 0)
         #expect(!shell.log.contains { if case .punch = $0.op { true } else { false } })
         let w1 = patternBytes(72, cs), w2 = patternBytes(73, 10), w3 = patternBytes(74, 100)
         shell.write(4, 5 * cs, w1)                // whole cluster
@@ -394,7 +394,7 @@ struct EngineWriteTests {
         #expect(c0.host % u == 0 && c1.host / u == shared && (c1.host + UInt64(c1.byteCount) - 1) / u == shared)
         #expect(ImageCheck(img.file).refcount(shared) == 2)
         let shell = try WriteShell(img)
-        let fresh = shell.engine.refcounts!.endCluster
+        let fresh = shell.engine.writableState!.refcounts.endCluster
         #expect(fresh == shared + 1)
         var model = img.expected
         let a = patternBytes(1, 50)
@@ -414,7 +414,7 @@ struct EngineWriteTests {
         #expect(shell.bytes(2) == Array(model[0..<2 * cs]))
         flushAndCheck(shell, tag: 3, model: model, noLeaks: false)
         // One reference left: the count drops to 1, not 0, and nothing is punched.
-        #expect(shell.engine.refcounts!.refcount(ofCluster: shared) == 1)
+        #expect(shell.engine.writableState!.refcounts.refcount(ofCluster: shared) == 1)
         #expect(!shell.log.contains { if case .punch = $0.op { true } else { false } })
         flushAndCheck(shell, tag: 4, model: model)
         #expect(ImageCheck(shell.durable).refcount(shared) == 1)
@@ -428,7 +428,7 @@ struct EngineWriteTests {
         shell.flush(6)
         shell.runAll(keep: \.isPunch)
         #expect(shell.succeeded(6))
-        #expect(shell.engine.refcounts!.refcount(ofCluster: shared) == 0)
+        #expect(shell.engine.writableState!.refcounts.refcount(ofCluster: shared) == 0)
         #expect(shell.held.count == 1 && shell.held[0].isPunch)
         if case .punchFile(_, let o, let n) = shell.held[0] { #expect(o == shared * u && n == u) }
         // Being punched: not handed out yet.
@@ -465,8 +465,8 @@ struct EngineWriteTests {
         shell.flush(2)
         shell.runAll(keep: \.isPunch)
         // One reference gone from each host cluster the compressed bytes touch: both are free and punched.
-        #expect(shell.engine.refcounts!.refcount(ofCluster: first) == 0)
-        #expect(shell.engine.refcounts!.refcount(ofCluster: first + 1) == 0)
+        #expect(shell.engine.writableState!.refcounts.refcount(ofCluster: first) == 0)
+        #expect(shell.engine.writableState!.refcounts.refcount(ofCluster: first + 1) == 0)
         #expect(shell.held.count == 1)
         if case .punchFile(_, let o, let n) = shell.held.first { #expect(o == first * u && n == 2 * u) }
         shell.runAll()
@@ -477,7 +477,7 @@ struct EngineWriteTests {
         let img = writableImage { $0.l2Table(0) }
         let shell = try WriteShell(img)
         var model = img.expected
-        let end = shell.engine.refcounts!.endCluster
+        let end = shell.engine.writableState!.refcounts.endCluster
         shell.write(1, 10, patternBytes(1, 100))
         shell.write(2, 300, patternBytes(2, 100))   // same cluster: parks behind the first
         let b = patternBytes(2, 100)
@@ -492,7 +492,7 @@ struct EngineWriteTests {
         #expect(shell.succeeded(2))
         #expect(shell.engine.failure == nil)
         flushAndCheck(shell, tag: 3, model: model, noLeaks: false)
-        #expect(shell.engine.refcounts!.refcount(ofCluster: end) == 0)
+        #expect(shell.engine.writableState!.refcounts.refcount(ofCluster: end) == 0)
         flushAndCheck(shell, tag: 4, model: model)
     }
 

@@ -86,7 +86,7 @@ func fuzzWritable(image file: [UInt8], script: [UInt8]) {
     guard disk > 0 else { return }
 
     let shell = WriteShell(engine: engine, file: file, mode: script[scriptBytes - 1])
-    var ownedClusters = engine.refcounts!.endCluster + 16
+    var ownedClusters = engine.writableState!.refcounts.endCluster + 16
     for k in 0..<operationCount {
         let op = Array(script[(4 * k)..<(4 * k + 4)])
         // Offset: a cluster picked by op[1], sometimes shifted by sectors; length: sectors or clusters.
@@ -95,7 +95,7 @@ func fuzzWritable(image file: [UInt8], script: [UInt8]) {
         let unit: UInt64 = op[3] & 0x80 != 0 ? 512 : cluster
         let length = min(UInt64(op[3] & 0x1f) * unit + (op[3] & 0x40 != 0 ? 0 : unit), disk - offset, maximumOperationBytes)
         // Every cluster written, plus its L2 table, refcount block and refcount table growth.
-        ownedClusters += 4 * (length / cluster + 2) + UInt64(engine.refcounts!.tableClusters) * 2
+        ownedClusters += 4 * (length / cluster + 2) + UInt64(engine.writableState!.refcounts.tableClusters) * 2
         switch op[0] % 8 {
         case 0, 1: shell.write(offset: offset, length: length, fill: op[2], fua: false)
         case 2: shell.write(offset: offset, length: length, fill: op[2], fua: true)
@@ -197,7 +197,7 @@ final class WriteShell {
                 check(outcomes[tag] == nil, "request \(tag) completed twice")
                 outcomes[tag] = outcome
             case .writeFile(let token, let offset, let from, _):
-                checkWrite(purpose: engine.tokens[Int(token.raw)], offset: offset, count: UInt64(from.count))
+                checkWrite(purpose: engine.tokens[token], offset: offset, count: UInt64(from.count))
                 held.append(action)
             case .punchFile(_, let offset, let length):
                 checkData(offset: offset, count: length, what: "punch")
@@ -220,7 +220,7 @@ final class WriteShell {
     private func metadataClusters() -> Set<UInt64> {
         var set: Set<UInt64> = [0]
         for k in l1Clusters { set.insert(k) }
-        let refs = engine.refcounts!
+        let refs = engine.writableState!.refcounts
         let tableClusters = UInt64(refs.tableClusters)
         for k in 0..<tableClusters { set.insert(refs.tableOffset / c + k) }
         if let moved = refs.movedTable {
@@ -228,7 +228,7 @@ final class WriteShell {
         }
         for offset in refs.table where offset != 0 { set.insert(offset / c) }
         for l2 in l2Clusters() { set.insert(l2) }
-        set.formUnion(engine.snapshotClusters)
+        set.formUnion(engine.writableState!.snapshotClusters)
         return set
     }
 
@@ -263,7 +263,7 @@ final class WriteShell {
                       "L1 write of \(count) bytes at \(hex(offset)) outside the table's sectors")
                 return
             }
-            let refs = engine.refcounts!
+            let refs = engine.writableState!.refcounts
             let table = refs.tableOffset..<(refs.tableOffset + UInt64(refs.tableClusters) * c)
             if table.contains(offset) {
                 check(end <= table.upperBound, "refcount table write of \(count) bytes at \(hex(offset)) runs past the table")
