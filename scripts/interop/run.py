@@ -61,7 +61,7 @@ class LineResult(unittest.TestResult):
     def _case_timeout(self, test):
         self.out.write("!! %s exceeded %ss: killing its servers\n" % (short_id(test), CASE_TIMEOUT))
         self.out.flush()
-        qnbdtest._kill_leftovers()
+        qnbdtest.kill_leftover_servers()
 
     def _fail(self, test, err, status):
         if self._cur is None or test is None or getattr(test, "_is_holder", False):
@@ -182,7 +182,7 @@ def main():
     except KeyboardInterrupt:
         out.write("interrupted\n")
     finally:
-        qnbdtest._kill_leftovers()
+        qnbdtest.kill_leftover_servers()
     failed = len(result.failed_ids)
     not_run = len(tests) - result.testsRun
     if not_run > 0 and (a.failfast or failed):

@@ -35,14 +35,14 @@ from .images import *  # noqa: F401,F403
 _live_servers = set()
 
 
-def _kill_leftovers():
+def kill_leftover_servers():
     for s in list(_live_servers):
         with contextlib.suppress(Exception):
             s.proc.kill()
             s.proc.wait(5)
 
 
-atexit.register(_kill_leftovers)
+atexit.register(kill_leftover_servers)
 
 
 class ServerStartError(AssertionError):
