@@ -31,7 +31,10 @@ public enum BitmapValidation {
     /// Checks the directory's placement and every entry; returns the entries when they are all usable.
     /// Errors are `corrupt` for a broken directory and not corrupt (`QCow2Error.unsupported`) for
     /// unknown flags or types, which qemu refuses too but which are not damage (a newer writer).
-    public static func load(header: Header, fileSize: UInt64, read: MetadataRead) throws(QCow2Error) -> [BitmapEntry] {
+    /// `withinFile` false leaves tables past the end of the file to the caller: qemu opens such an image
+    /// and `qemu-img check` counts the reference as an error, so `qnbd check` does the same.
+    public static func load(header: Header, fileSize: UInt64, read: MetadataRead,
+                            withinFile: Bool = true) throws(QCow2Error) -> [BitmapEntry] {
         guard let directory = try BitmapDirectory(header: header) else { return [] }
         var regions = MetadataRegions(header: header)
         let directoryRange = directory.offset..<(directory.offset + directory.byteCount)
@@ -45,7 +48,7 @@ public enum BitmapValidation {
         let entries = try directory.entries(read: read)
         var names = Set<String>()
         for entry in entries {
-            try validate(entry, header: header, fileSize: fileSize)
+            try validate(entry, header: header, fileSize: fileSize, withinFile: withinFile)
             guard names.insert(entry.name).inserted else {
                 throw QCow2Error("bitmap directory", "two bitmaps are named '\(entry.name)'")
             }
@@ -59,7 +62,8 @@ public enum BitmapValidation {
     }
 
     /// One entry's fields (qemu's check_dir_entry, and the table inside the file).
-    public static func validate(_ entry: BitmapEntry, header: Header, fileSize: UInt64) throws(QCow2Error) {
+    public static func validate(_ entry: BitmapEntry, header: Header, fileSize: UInt64,
+                                withinFile: Bool = true) throws(QCow2Error) {
         let what = "bitmap '\(entry.name)'"
         guard !entry.name.isEmpty, entry.name.utf8.count <= BitmapDirectory.maximumNameBytes else {
             throw QCow2Error("bitmap directory", "a bitmap name of \(entry.name.utf8.count) bytes (1 to \(BitmapDirectory.maximumNameBytes) allowed)")
@@ -91,7 +95,7 @@ public enum BitmapValidation {
         guard UInt64(entry.tableSize) * cluster <= fileSize else {
             throw QCow2Error(what, "\(entry.tableSize) data clusters cannot fit in a \(fileSize)-byte file")
         }
-        guard entry.tableOffset < fileSize, UInt64(entry.tableSize) * 8 <= fileSize - entry.tableOffset else {
+        guard !withinFile || entry.tableOffset < fileSize && UInt64(entry.tableSize) * 8 <= fileSize - entry.tableOffset else {
             throw QCow2Error(what, "table at \(hex(entry.tableOffset)) runs past the end of the file")
         }
     }

@@ -265,7 +265,8 @@ final class RefcountCheck {
         addReferences(directory.offset, directory.byteCount, owner: "bitmap directory")
         let bitmaps: [BitmapEntry]
         do {
-            bitmaps = try image.bitmaps()
+            bitmaps = try BitmapValidation.load(header: image.header, fileSize: image.fileLength,
+                                                read: image.loader.read, withinFile: false)
         } catch {
             result.corruptions += 1
             throw CheckAborted(partial: result, reason: error.text)
