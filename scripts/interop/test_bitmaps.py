@@ -225,6 +225,29 @@ class Hostile(BitmapCase):
         for key in ("corruptions", "leaks", "check-errors", "allocated-clusters", "total-clusters"):
             self.assertEqual(mine.get(key), theirs.get(key), key)
 
+    def test_in_use_bitmaps_as_qemu_img_treats_them(self):
+        base = self.make("u.qcow2", 64 * KiB)
+        qemu_img("bitmap", "--add", base, "b")
+        qemu_img("bitmap", "--add", base, "c")
+        self.qemu_write(base, WRITES[:2])
+        entry, _ = self.directory_entry(base)
+        self.poke(base, entry + 12, ">I", 3)   # "b": in_use | auto, as a crash leaves it
+        cases = [("--clear", "b"), ("--enable", "b"), ("--disable", "b"), ("--merge", "c", "b"),
+                 ("--merge", "b", "c"), ("--remove", "b"), ("--clear", "c")]
+        for case in cases:
+            with self.subTest(case=case):
+                mine, theirs = self.path("u-mine.qcow2"), self.path("u-theirs.qcow2")
+                shutil.copy(base, mine)
+                shutil.copy(base, theirs)
+                a = qnbd("bitmap", *case[:-1], mine, case[-1], cwd=self.dir)
+                b = qemu_img("bitmap", *case[:-1], theirs, case[-1], check=False)
+                self.assertEqual(a.returncode, b.returncode, a.stderr + b.stderr)
+                if b.returncode != 0:
+                    self.assertIn("inconsistent", a.stderr)
+                self.assertEqual(self.qemu_bitmaps(mine), self.qemu_bitmaps(theirs))
+                self.assertEqual(qemu_img("check", mine, check=False).returncode,
+                                 qemu_img("check", theirs, check=False).returncode)
+
     def test_check_counts_bad_bitmap_tables_like_qemu(self):
         base = self.make("k.qcow2", 64 * KiB)
         qemu_img("bitmap", "--add", base, "b")
