@@ -261,6 +261,17 @@ class Hostile(BitmapCase):
         self.poke(image, table, ">Q", (os.path.getsize(base) + 32 * 65536) & ~0xffff)   # data cluster past EOF
         self.assert_check_like_qemu(image)
         self.assert_check_like_qemu(base)
+        # A table entry with reserved bits: qemu's check fails (exit 1) for consistent and in-use
+        # bitmaps alike; qnbd's says why.
+        for flags in (2, 3):
+            with self.subTest(flags=flags):
+                shutil.copy(base, image)
+                self.poke(image, table, ">Q", 2)
+                self.poke(image, entry + 12, ">I", flags)
+                self.assertEqual(qemu_img("check", image, check=False).returncode, 1)
+                p = qnbd("check", image, cwd=self.dir)
+                self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+                self.assertIn("bitmap 'b': table entry 0x2 is invalid", p.stderr)
 
     def directory_entry(self, image):
         """File offset of the first bitmap directory entry."""
