@@ -77,9 +77,23 @@ public enum BitmapEditor {
             }
         }
         if bitmaps.map(\.entry) != before || bitmaps.contains(where: { $0.bits != nil }) || !removed.isEmpty {
+            try refuseCorruptImage(image, path: path)
             try tool { () throws(QCow2Error) in try store(bitmaps, removed: removed, image: image) }
         }
         if let failure { throw failure }
+    }
+
+    /// Freeing an old bitmap's clusters trusts that nothing else uses them; a bitmap table pointing at
+    /// an L2 table or guest data would have the writer free live clusters. So the image's references
+    /// are counted first (the check, read only) and an image with corruptions is refused; leaks are fine.
+    static func refuseCorruptImage(_ image: ImageMetadata, path: String) throws(ToolError) {
+        let outcome = QCow2Check.run(file: image.file, name: path, repair: nil)
+        if let failure = outcome.failure { throw ToolError(failure) }
+        guard outcome.first.corruptions == 0 else {
+            throw ToolError("'\(path)' has \(outcome.first.corruptions) corruptions (see `qnbd check`); "
+                + "qnbd does not change bitmaps in a corrupt image")
+        }
+        image.forgetRefcounts()
     }
 
     /// The table and data clusters a bitmap on disk owns.

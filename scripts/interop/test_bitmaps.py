@@ -248,6 +248,26 @@ class Hostile(BitmapCase):
                 self.assertEqual(qemu_img("check", mine, check=False).returncode,
                                  qemu_img("check", theirs, check=False).returncode)
 
+    def test_bitmap_data_on_other_clusters_not_freed(self):
+        # A table entry pointing at the L2 table: --clear would free the L2 table along with the
+        # bitmap's data. qnbd refuses to change bitmaps in an image the check finds corrupt.
+        base = self.make("l2.qcow2", 64 * KiB)
+        qemu_img("bitmap", "--add", base, "b")
+        self.qemu_write(base, WRITES[:2])
+        entry, head = self.directory_entry(base)
+        (l1_offset,) = struct.unpack_from(">Q", head, 40)
+        with open(base, "rb") as f:
+            f.seek(entry)
+            (table,) = struct.unpack(">Q", f.read(8))
+            f.seek(l1_offset)
+            (l2,) = struct.unpack(">Q", f.read(8))
+        self.poke(base, table, ">Q", l2 & 0x00fffffffffffe00)
+        before = self.contents(base)
+        p = qnbd("bitmap", "--clear", base, "b", cwd=self.dir)
+        self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
+        self.assertIn("corruptions", p.stderr)
+        self.assertEqual(self.contents(base), before)
+
     def test_check_counts_bad_bitmap_tables_like_qemu(self):
         base = self.make("k.qcow2", 64 * KiB)
         qemu_img("bitmap", "--add", base, "b")
