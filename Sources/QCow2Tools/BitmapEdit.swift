@@ -46,6 +46,12 @@ public enum BitmapEditor {
     /// Runs `operations` on bitmap `name` of the image at `path`.
     public static func run(path: String, name: String, operations: [BitmapOperation],
                            granularity: UInt64?) throws(ToolError) {
+        // qemu-img opens a merge's source image before any operation runs.
+        for case .merge(_, let file?) in operations {
+            let source = try FileStorage(path: file, mode: .readOnly)
+            defer { source.close() }
+            _ = try ImageMetadata.open(source, name: file)
+        }
         let storage = try FileStorage(path: path, mode: .readWrite)
         defer { storage.close() }
         guard try probeFormat(storage, name: path) == .qcow2 else {
@@ -142,9 +148,8 @@ public enum BitmapEditor {
 
     static func addBitmap(name: String, granularity: UInt64?, bitmaps: inout [EditedBitmap], image: ImageMetadata) throws(ToolError) {
         let g = granularity ?? defaultGranularity(clusterSize: image.clusterSize)
-        guard g.nonzeroBitCount == 1, g >= 512, g <= 1 << 31 else {
-            throw ToolError("Granularity must be power of 2 between 512 and 2^31, got \(g)")
-        }
+        guard g.nonzeroBitCount == 1, g >= 512 else { throw ToolError("Granularity must be power of 2 and at least 512") }
+        guard g <= 1 << 31 else { throw ToolError("Granularity must be at most 2^31 (the qcow2 limit)") }
         guard !name.isEmpty, name.utf8.count <= BitmapDirectory.maximumNameBytes else {
             throw ToolError("Bitmap name is too long (the limit is \(BitmapDirectory.maximumNameBytes) bytes)")
         }

@@ -200,10 +200,26 @@ class SameAsQemuImg(BitmapCase):
                     for b in self.qemu_bitmaps(theirs):
                         self.assertEqual(self.qnbd_runs(mine, b["name"]), self.qnbd_runs(theirs, b["name"]), b["name"])
 
+    def test_merge_from_another_image(self):
+        other = self.make("other.qcow2", 512)
+        qemu_img("bitmap", "--add", "-g", "512", other, "ob")
+        self.qemu_write(other, WRITES)
+        for cluster in (64 * KiB, 512):
+            with self.subTest(cluster=cluster):
+                mine, theirs = self.make("mm-%d.qcow2" % cluster, cluster), self.path("mt-%d.qcow2" % cluster)
+                qemu_img("bitmap", "--add", mine, "t")
+                shutil.copy(mine, theirs)
+                self.qnbd_ok("bitmap", "--merge", "ob", "-b", other, "-F", "qcow2", mine, "t")
+                qemu_img("bitmap", "--merge", "ob", "-b", other, "-F", "qcow2", theirs, "t")
+                self.assert_clean(mine)
+                self.assertEqual(self.qemu_bitmaps(mine), self.qemu_bitmaps(theirs))
+                self.assertEqual(self.qnbd_runs(mine, "t"), self.qemu_nbd_runs(theirs, "t"))
+
     def test_errors_match_qemu_img(self):
         source = self.prepared(64 * KiB)
         cases = [("--add", "b"), ("--remove", "nope"), ("--clear", "nope"), ("--merge", "nope", "b"),
-                 ("--enable", "nope")]
+                 ("--enable", "nope"), ("--add", "-g", "1000", "z"), ("--add", "-g", "256", "z"),
+                 ("--clear", "-g", "512", "b"), ("--add", "--merge", "b", "-b", "missing.qcow2", "z")]
         for case in cases:
             with self.subTest(case=case):
                 mine, theirs = self.path("e-mine.qcow2"), self.path("e-theirs.qcow2")
