@@ -11,6 +11,9 @@ struct MapCommand: ParsableCommand {
             JSON output lists every extent with start, length, depth (0 = this image, 1 = its backing \
             file, ...), present, zero, data and the host offset, exactly as `qemu-img map --output=json`.
             The human format lists only data extents with their host offset and file.
+            With --bitmap NAME, the persistent dirty bitmap NAME's dirty and clean runs instead (what
+            `nbdinfo --map=qemu:dirty-bitmap:NAME` shows when the image is served with it); JSON:
+            [{ "start", "length", "dirty" }, ...].
             """)
 
     @Argument(help: "The image file.")
@@ -22,12 +25,20 @@ struct MapCommand: ParsableCommand {
     @Flag(name: .long, help: "JSON output (same as --output json).")
     var json = false
 
+    @Option(name: .long, help: ArgumentHelp("Show the dirty and clean runs of persistent bitmap NAME.", valueName: "NAME"))
+    var bitmap: String?
+
     func validate() throws {
         guard output == "human" || output == "json" else { throw ValidationError("--output must be human or json, not \(output)") }
     }
 
     func run() throws {
         do {
+            if let bitmap {
+                let runs = try BitmapMap.runs(path: file, name: bitmap)
+                Console.out(json || output == "json" ? BitmapMap.json(runs) : BitmapMap.human(runs))
+                return
+            }
             let entries = try ImageChain(path: file).map()
             if json || output == "json" {
                 Console.out(MapFormatter.json(entries))

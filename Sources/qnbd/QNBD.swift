@@ -16,7 +16,7 @@ struct QNBD: ParsableCommand {
             qnbd serves a disk image over the NBD protocol to the Linux kernel's nbd-client, qemu and \
             libnbd's tools (nbdinfo, nbdcopy, nbdsh).
             """,
-        subcommands: [Serve.self, CreateCommand.self, InfoCommand.self, CheckCommand.self, MapCommand.self],
+        subcommands: [Serve.self, CreateCommand.self, InfoCommand.self, CheckCommand.self, MapCommand.self, BitmapCommand.self],
         defaultSubcommand: nil)
 
     /// Usage mistakes are reported as one `qnbd:` line (the operator's log stays readable); help and

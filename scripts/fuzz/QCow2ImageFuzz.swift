@@ -38,6 +38,7 @@ func fuzzImage(_ file: [UInt8]) {
     let l1Start = Int(header.l1TableOffset)
     let l1 = (0..<Int(header.l1Size)).map { file.be64(l1Start + 8 * $0) }
     decodeEntries(file, geometry: g)
+    fuzzBitmaps(file, header: header)
 
     let backingSize: UInt64? = header.backingFileName != nil ? header.size : nil
     let cacheBytes = min(QCow2Engine.defaultCacheBytes(header: header), 2 * Int(g.clusterSize))
@@ -93,6 +94,35 @@ func isZero(_ b: UnsafeRawBufferPointer) -> Bool {
 
 /// L1/L2 decoding of the words right after the header cluster (where qemu puts the first tables)
 /// under this geometry; the engine decodes the tables it actually loads.
+/// The bitmaps extension: the directory validated as every reader validates it, then each bitmap's
+/// runs over the start of the disk. Traps when the runs do not tile the query exactly, do not alternate,
+/// or disagree with the bit lookup at their start.
+func fuzzBitmaps(_ file: [UInt8], header: Header) {
+    let read: MetadataRead = { (offset, count) throws(QCow2Error) in
+        var out = [UInt8](repeating: 0, count: count)
+        guard offset < UInt64(file.count) else { return out }
+        let n = min(count, file.count - Int(offset))
+        out.replaceSubrange(0..<n, with: file[Int(offset)..<(Int(offset) + n)])
+        return out
+    }
+    let fileSize = UInt64(file.count)
+    guard let entries = try? BitmapValidation.load(header: header, fileSize: fileSize, read: read) else { return }
+    for entry in entries {
+        guard let reader = try? BitmapReader(entry: entry, header: header, fileSize: fileSize, read: read) else { continue }
+        let length = min(header.size, 64 << 20)
+        guard let runs = try? reader.runs(offset: 0, length: length) else { continue }
+        var position: UInt64 = 0
+        for (i, run) in runs.enumerated() {
+            check(run.offset == position && run.length > 0, "bitmap run \(i) at \(run.offset) (expected \(position))")
+            check(i == 0 || runs[i - 1].dirty != run.dirty, "bitmap runs \(i - 1) and \(i) do not alternate")
+            let dirty = try? reader.isDirty(granule: run.offset >> UInt64(entry.granularityBits))
+            check(dirty == run.dirty, "bitmap run \(i) disagrees with its first bit")
+            position += run.length
+        }
+        check(position == length, "bitmap runs cover \(position) of \(length) bytes")
+    }
+}
+
 func decodeEntries(_ file: [UInt8], geometry g: Geometry) {
     var at = Int(g.clusterSize)
     var index = 0

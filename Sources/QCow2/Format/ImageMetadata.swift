@@ -103,8 +103,13 @@ public final class ImageMetadata {
         return try BitmapDirectory(header: header)
     }
 
+    /// The bitmaps, validated (BitmapValidation): a hostile directory is refused, naming the fault.
     public func bitmaps() throws(QCow2Error) -> [BitmapEntry] {
-        guard let directory = try bitmapDirectory() else { return [] }
-        return try directory.entries(read: loader.read)
+        return try BitmapValidation.load(header: header, fileSize: fileLength, read: loader.read)
+    }
+
+    /// A reader of one bitmap's bits.
+    public func bitmapReader(_ entry: BitmapEntry) throws(QCow2Error) -> BitmapReader {
+        return try BitmapReader(entry: entry, header: header, fileSize: fileLength, read: loader.read)
     }
 }
