@@ -24,4 +24,3 @@ from .launcher import *  # noqa: F401,F403
 from .client import *  # noqa: F401,F403
 from .libnbd import *  # noqa: F401,F403
 from .case import *  # noqa: F401,F403
-from .launcher import _kill_leftovers  # noqa: F401,E402  (run.py calls it; `import *` skips underscore names)
