@@ -82,13 +82,15 @@ public final class ExportTable {
     }
 
     /// A handshake for one client: exports it may not use carry their refusal.
-    func handshake(forPeer peer: String) -> Handshake {
+    func handshake(forPeer peer: String, tls: TLSPolicy = .off) -> Handshake {
         let list = exports.map { export -> ExportDescriptor in
             var descriptor = export.descriptor
             descriptor.refusal = export.refusal(forPeer: peer)
+            descriptor.tlsRequired = export.configuration.tlsRequired
+            descriptor.allowedPSKUsernames = export.configuration.allowedPSKUsernames
             return descriptor
         }
-        return Handshake(exports: list, listAllowed: listAllowed)
+        return Handshake(exports: list, listAllowed: listAllowed, tls: tls)
     }
 
     /// Binds connection `id` to the export it negotiated; nil if the export is gone or full by now, or
