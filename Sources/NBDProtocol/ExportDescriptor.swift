@@ -14,11 +14,6 @@ public struct ExportDescriptor: Sendable, Equatable {
     /// Set when this client may not use the export (the server's access policy): LIST leaves it out,
     /// INFO and GO answer NBD_REP_ERR_POLICY with this text, EXPORT_NAME closes.
     public var refusal: String?
-    /// Only over TLS (SELECTIVETLS): before STARTTLS, LIST leaves it out, INFO and GO answer
-    /// NBD_REP_ERR_TLS_REQD, EXPORT_NAME closes.
-    public var tlsRequired = false
-    /// If set, only these PSK usernames may use the export (which makes it TLS-only).
-    public var allowedPSKUsernames: [String]?
 
     public init(name: String, description: String, size: UInt64, flags: TransmissionFlags,
                 minimumBlockSize: UInt32 = 1, preferredBlockSize: UInt32 = 4096,

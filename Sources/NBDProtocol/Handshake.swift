@@ -31,6 +31,20 @@ public enum TLSPolicy: String, Sendable, Equatable, CaseIterable {
     case require
 }
 
+/// How TLS limits one export. Kept out of ExportDescriptor, which the transmission phase copies.
+public struct ExportTLSRule: Sendable, Equatable {
+    /// Only over TLS (SELECTIVETLS): before STARTTLS, LIST leaves it out, INFO, GO and the meta-context
+    /// options answer NBD_REP_ERR_TLS_REQD, EXPORT_NAME closes.
+    public var tlsRequired: Bool
+    /// If set, only these PSK usernames may use the export (which makes it TLS-only).
+    public var allowedPSKUsernames: [String]?
+
+    public init(tlsRequired: Bool = false, allowedPSKUsernames: [String]? = nil) {
+        self.tlsRequired = tlsRequired
+        self.allowedPSKUsernames = allowedPSKUsernames
+    }
+}
+
 /// What the connection should do after feeding the machine.
 public enum HandshakeAction: Equatable, Sendable {
     /// Send `reply` (possibly empty) and keep feeding `bytesNeeded` bytes.
@@ -70,6 +84,8 @@ public struct Handshake: Sendable {
     /// Whether LIST answers (nbd-server's `allowlist`); ERR_POLICY otherwise.
     private let listAllowed: Bool
     private let tlsPolicy: TLSPolicy
+    /// Per-export TLS limits, by export name (exports not named have none).
+    private let tlsRules: [String: ExportTLSRule]
     /// True once the TLS handshake completed; options are then read over TLS.
     public private(set) var tlsActive = false
     /// The PSK username TLS authenticated, checked against exports' `allowedPSKUsernames`.
@@ -83,11 +99,12 @@ public struct Handshake: Sendable {
     private var contextsExport: String?
 
     public init(exports: [ExportDescriptor], limits: HandshakeLimits = HandshakeLimits(), listAllowed: Bool = true,
-                tls: TLSPolicy = .off) {
+                tls: TLSPolicy = .off, tlsRules: [String: ExportTLSRule] = [:]) {
         self.exports = exports
         self.limits = limits
         self.listAllowed = listAllowed
         self.tlsPolicy = tls
+        self.tlsRules = tlsRules
     }
 
     /// The TLS handshake that STARTTLS began completed. The spec: everything negotiated before TLS
@@ -400,12 +417,14 @@ public struct Handshake: Sendable {
     /// PSK usernames is TLS-only too: without TLS there is no username to check.
     private func needsTLS(_ export: ExportDescriptor) -> Bool {
         guard !tlsActive else { return false }
-        return tlsPolicy == .require || export.tlsRequired || export.allowedPSKUsernames != nil
+        guard tlsPolicy != .require else { return true }
+        guard let rule = tlsRules[export.name] else { return false }
+        return rule.tlsRequired || rule.allowedPSKUsernames != nil
     }
 
     /// Over TLS, why this client's PSK username may not use the export (nil: it may).
     private func pskRefusal(_ export: ExportDescriptor) -> String? {
-        guard tlsActive, let allowed = export.allowedPSKUsernames else { return nil }
+        guard tlsActive, let allowed = tlsRules[export.name]?.allowedPSKUsernames else { return nil }
         guard let user = pskUsername else { return "export \"\(export.name)\" is only for PSK users" }
         return allowed.contains(user) ? nil : "PSK user \"\(user)\" may not use export \"\(export.name)\""
     }

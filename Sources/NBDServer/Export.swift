@@ -86,11 +86,16 @@ public final class ExportTable {
         let list = exports.map { export -> ExportDescriptor in
             var descriptor = export.descriptor
             descriptor.refusal = export.refusal(forPeer: peer)
-            descriptor.tlsRequired = export.configuration.tlsRequired
-            descriptor.allowedPSKUsernames = export.configuration.allowedPSKUsernames
             return descriptor
         }
-        return Handshake(exports: list, listAllowed: listAllowed, tls: tls)
+        var rules: [String: ExportTLSRule] = [:]
+        for export in exports {
+            let c = export.configuration
+            if c.tlsRequired || c.allowedPSKUsernames != nil {
+                rules[export.name] = ExportTLSRule(tlsRequired: c.tlsRequired, allowedPSKUsernames: c.allowedPSKUsernames)
+            }
+        }
+        return Handshake(exports: list, listAllowed: listAllowed, tls: tls, tlsRules: rules)
     }
 
     /// Binds connection `id` to the export it negotiated; nil if the export is gone or full by now, or

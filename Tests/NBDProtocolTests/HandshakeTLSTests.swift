@@ -101,9 +101,7 @@ struct HandshakeTLSTests {
     }
 
     @Test func tlsOnlyExportIsHiddenAndRefusedBeforeTLS() {
-        var secret = Fixture.disk
-        secret.tlsRequired = true
-        var c = Client([secret, Fixture.other], tls: .on)
+        var c = Client(tls: .on, tlsRules: ["disk": ExportTLSRule(tlsRequired: true)])
         #expect(Self.listNames(c.send(.list)) == ["other"])
         c.expectError(.info, infoPayload("disk"), .errorTLSRequired)
         c.expectError(.go, infoPayload("disk"), .errorTLSRequired)
@@ -120,23 +118,22 @@ struct HandshakeTLSTests {
     }
 
     @Test func pskUserListLimitsAnExportToThoseUsers() {
-        var secret = Fixture.disk
-        secret.allowedPSKUsernames = ["alice"]
-        var before = Client([secret, Fixture.other], tls: .on)
+        let rules = ["disk": ExportTLSRule(allowedPSKUsernames: ["alice"])]
+        var before = Client(tls: .on, tlsRules: rules)
         before.expectError(.go, infoPayload("disk"), .errorTLSRequired)
 
-        var bob = Client([secret, Fixture.other], tls: .on)
+        var bob = Client(tls: .on, tlsRules: rules)
         Self.startTLS(&bob, pskUsername: "bob")
         #expect(Self.listNames(bob.send(.list)) == ["other"])
         bob.expectError(.go, infoPayload("disk"), .errorPolicy)
         var bobOld = bob
         #expect(bobOld.send(.exportName, utf8("disk")).isClose)
 
-        var certificate = Client([secret, Fixture.other], tls: .on)
+        var certificate = Client(tls: .on, tlsRules: rules)
         Self.startTLS(&certificate, pskUsername: nil)
         certificate.expectError(.info, infoPayload("disk"), .errorPolicy)
 
-        var alice = Client([secret, Fixture.other], tls: .on)
+        var alice = Client(tls: .on, tlsRules: rules)
         Self.startTLS(&alice, pskUsername: "alice")
         #expect(Self.listNames(alice.send(.list)) == ["disk", "other"])
         #expect(alice.send(.go, infoPayload("disk")).isStartTransmission)

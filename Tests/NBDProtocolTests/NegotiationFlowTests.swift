@@ -320,15 +320,16 @@ struct HandshakeFuzzTests {
             var rng = SeededRandom(seed: seed)
             // Every TLS policy, and sometimes a TLS-only export (SELECTIVETLS) or a PSK-user export.
             let policy = TLSPolicy.allCases.randomElement(using: &rng)!
-            var exports = Fixture.exports
+            var rules: [String: ExportTLSRule] = [:]
             if policy != .off {
                 switch Int.random(in: 0..<3, using: &rng) {
-                case 0: exports[0].tlsRequired = true
-                case 1: exports[0].allowedPSKUsernames = ["alice"]
+                case 0: rules["disk"] = ExportTLSRule(tlsRequired: true)
+                case 1: rules["disk"] = ExportTLSRule(allowedPSKUsernames: ["alice"])
                 default: break
                 }
             }
-            var hs = Handshake(exports: exports, limits: Bool.random(using: &rng) ? limits : HandshakeLimits(), tls: policy)
+            var hs = Handshake(exports: Fixture.exports, limits: Bool.random(using: &rng) ? limits : HandshakeLimits(),
+                               tls: policy, tlsRules: rules)
             var pending: [UInt8] = []
             var ending = "still negotiating"
             steps: for _ in 0..<200 {
@@ -372,7 +373,7 @@ struct HandshakeFuzzTests {
                 }
                 if case .startTransmission(_, let session) = action {
                     // A TLS-only export is never entered in the clear, nor by another PSK user.
-                    if session.export.tlsRequired || session.export.allowedPSKUsernames != nil || policy == .require {
+                    if rules[session.export.name] != nil || policy == .require {
                         Self.ensure(hs.tlsActive, "TLS-only export entered without TLS", seed: seed)
                     }
                 }

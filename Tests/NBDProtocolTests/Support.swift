@@ -127,8 +127,8 @@ struct Client {
 
     init(_ exports: [ExportDescriptor] = Fixture.exports, flags: UInt32 = 3,
          limits: HandshakeLimits = HandshakeLimits(), tls: TLSPolicy = .off,
-         sourceLocation: SourceLocation = #_sourceLocation) {
-        hs = Handshake(exports: exports, limits: limits, tls: tls)
+         tlsRules: [String: ExportTLSRule] = [:], sourceLocation: SourceLocation = #_sourceLocation) {
+        hs = Handshake(exports: exports, limits: limits, tls: tls, tlsRules: tlsRules)
         #expect(hs.bytesNeeded == 4, sourceLocation: sourceLocation)
         #expect(hs.receive(be32(flags)) == .proceed(reply: []), sourceLocation: sourceLocation)
         #expect(hs.state == .awaitingOptionHeader, sourceLocation: sourceLocation)

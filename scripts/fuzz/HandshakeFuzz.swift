@@ -96,21 +96,23 @@ func checkOptionReplies(_ reply: [UInt8], option: UInt32) {
 struct TLSSetup {
     var policy: TLSPolicy = .off
     var pskUsername: String?
+    var rules: [String: ExportTLSRule] = [:]
 
-    init(config: UInt8, _ input: inout FuzzInput, exports: inout [ExportDescriptor]) {
+    init(config: UInt8, _ input: inout FuzzInput) {
         guard config & 0x80 != 0 else { return }
         let byte = input.u8()
         policy = byte & 3 == 1 ? .require : .on
-        if byte & 4 != 0 { exports[1].tlsRequired = true }
-        if byte & 8 != 0 { exports[1].allowedPSKUsernames = ["alice"] }
+        if byte & 12 != 0 {
+            rules["disk"] = ExportTLSRule(tlsRequired: byte & 4 != 0, allowedPSKUsernames: byte & 8 != 0 ? ["alice"] : nil)
+        }
         pskUsername = [nil, "alice", "bob", nil][Int(byte >> 4) & 3]
     }
 }
 
 func fuzzConnection(config: UInt8, _ input: inout FuzzInput) {
-    var exports = makeExports(config)
-    let tls = TLSSetup(config: config, &input, exports: &exports)
-    var handshake = Handshake(exports: exports, tls: tls.policy)
+    let exports = makeExports(config)
+    let tls = TLSSetup(config: config, &input)
+    var handshake = Handshake(exports: exports, tls: tls.policy, tlsRules: tls.rules)
     check(Handshake.greeting.count == 18, "greeting is not 18 bytes")
     var lastOption: UInt32 = 0
     var session: NegotiatedSession?
@@ -159,10 +161,11 @@ func fuzzConnection(config: UInt8, _ input: inout FuzzInput) {
         case .startTransmission(let reply, let s):
             check(handshake.state == .finished && handshake.bytesNeeded == 0, "transmission with the machine open")
             if lastOption != NBDOption.exportName.rawValue { checkOptionReplies(reply, option: lastOption) }
-            if tls.policy == .require || s.export.tlsRequired || s.export.allowedPSKUsernames != nil {
+            let rule = tls.rules[s.export.name]
+            if tls.policy == .require || rule != nil {
                 check(handshake.tlsActive, "TLS-only export \"\(s.export.name)\" entered without TLS")
             }
-            if let allowed = s.export.allowedPSKUsernames {
+            if let allowed = rule?.allowedPSKUsernames {
                 check(tls.pskUsername.map(allowed.contains) == true, "PSK-only export entered by another user")
             }
             session = s
