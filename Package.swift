@@ -42,10 +42,10 @@ let package = Package(
         .target(name: "QCow2Tools", dependencies: ["QCow2", "BlockDevice"]),
         // Glue: listeners, connections, exports, configuration.
         .target(name: "NBDServer", dependencies: [
-            "UVCore", "NBDProtocol", "BlockDevice", "RawDriver", "QCow2", "QCow2Driver",
+            "UVCore", "NBDProtocol", "BlockDevice", "RawDriver", "QCow2", "QCow2Driver", "TLS",
         ]),
         .executableTarget(name: "qnbd", dependencies: [
-            "NBDServer",
+            "NBDServer", "NBDProtocol", "TLS",
             "QCow2Tools",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
@@ -57,7 +57,7 @@ let package = Package(
         .testTarget(name: "QCow2ToolsTests", dependencies: ["QCow2Tools", "QCow2"]),
         .testTarget(name: "RawDriverTests", dependencies: ["RawDriver", "BlockDevice", "UVCore"]),
         .testTarget(name: "QCow2DriverTests", dependencies: ["QCow2Driver", "BlockDevice", "UVCore"]),
-        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "RawDriver", "BlockDevice", "UVCore"]),
+        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "RawDriver", "BlockDevice", "UVCore", "TLS"]),
     ],
     swiftLanguageModes: [.v6]
 )

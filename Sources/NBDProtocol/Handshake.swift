@@ -21,6 +21,30 @@ public struct HandshakeLimits: Sendable {
     public init() {}
 }
 
+/// Whether and how the server offers TLS (NBD_OPT_STARTTLS).
+public enum TLSPolicy: String, Sendable, Equatable, CaseIterable {
+    /// No TLS: STARTTLS is refused with ERR_POLICY.
+    case off
+    /// TLS is offered; exports marked TLS-only (SELECTIVETLS) need it, the others work without.
+    case on
+    /// Nothing but STARTTLS and ABORT is answered before TLS (the spec's FORCEDTLS).
+    case require
+}
+
+/// How TLS limits one export. Kept out of ExportDescriptor, which the transmission phase copies.
+public struct ExportTLSRule: Sendable, Equatable {
+    /// Only over TLS (SELECTIVETLS): before STARTTLS, LIST leaves it out, INFO, GO and the meta-context
+    /// options answer NBD_REP_ERR_TLS_REQD, EXPORT_NAME closes.
+    public var tlsRequired: Bool
+    /// If set, only these PSK usernames may use the export (which makes it TLS-only).
+    public var allowedPSKUsernames: [String]?
+
+    public init(tlsRequired: Bool = false, allowedPSKUsernames: [String]? = nil) {
+        self.tlsRequired = tlsRequired
+        self.allowedPSKUsernames = allowedPSKUsernames
+    }
+}
+
 /// What the connection should do after feeding the machine.
 public enum HandshakeAction: Equatable, Sendable {
     /// Send `reply` (possibly empty) and keep feeding `bytesNeeded` bytes.
@@ -31,6 +55,10 @@ public enum HandshakeAction: Equatable, Sendable {
     case abort(reply: [UInt8])
     /// Close the connection without a reply; `reason` is for the log.
     case close(reason: String)
+    /// Send `reply` (the ACK to STARTTLS), drop every byte already received after the request (it is
+    /// plaintext that must never be parsed: the injection attack), start the TLS handshake and call
+    /// `tlsEstablished` once it completes.
+    case startTLS(reply: [UInt8])
 }
 
 public struct Handshake: Sendable {
@@ -42,6 +70,8 @@ public struct Handshake: Sendable {
         case awaitingOptionHeader
         /// Waiting for the payload of option `option`.
         case awaitingOptionPayload(option: UInt32, length: Int)
+        /// STARTTLS was acknowledged; no input until `tlsEstablished` (the TLS handshake runs).
+        case awaitingTLS
         /// Transmission has started; the machine takes no more input.
         case finished
         /// The connection is being closed; the machine takes no more input.
@@ -53,6 +83,13 @@ public struct Handshake: Sendable {
     private let limits: HandshakeLimits
     /// Whether LIST answers (nbd-server's `allowlist`); ERR_POLICY otherwise.
     private let listAllowed: Bool
+    private let tlsPolicy: TLSPolicy
+    /// Per-export TLS limits, by export name (exports not named have none).
+    private let tlsRules: [String: ExportTLSRule]
+    /// True once the TLS handshake completed; options are then read over TLS.
+    public private(set) var tlsActive = false
+    /// The PSK username TLS authenticated, checked against exports' `allowedPSKUsernames`.
+    private var pskUsername: String?
     private var clientFlags: ClientFlags = []
     private var optionsSeen = 0
     private var structuredReplies = false
@@ -61,10 +98,27 @@ public struct Handshake: Sendable {
     private var selectedContexts: [(id: UInt32, name: String)] = []
     private var contextsExport: String?
 
-    public init(exports: [ExportDescriptor], limits: HandshakeLimits = HandshakeLimits(), listAllowed: Bool = true) {
+    public init(exports: [ExportDescriptor], limits: HandshakeLimits = HandshakeLimits(), listAllowed: Bool = true,
+                tls: TLSPolicy = .off, tlsRules: [String: ExportTLSRule] = [:]) {
         self.exports = exports
         self.limits = limits
         self.listAllowed = listAllowed
+        self.tlsPolicy = tls
+        self.tlsRules = tlsRules
+    }
+
+    /// The TLS handshake that STARTTLS began completed. The spec: everything negotiated before TLS
+    /// (structured replies, extended headers, meta contexts, the export name they were chosen for) is
+    /// forgotten, and the client negotiates again over TLS. `pskUsername` is who PSK authenticated.
+    public mutating func tlsEstablished(pskUsername: String?) {
+        precondition(state == .awaitingTLS, "TLS established in \(state)")
+        tlsActive = true
+        self.pskUsername = pskUsername
+        structuredReplies = false
+        extendedHeaders = false
+        selectedContexts = []
+        contextsExport = nil
+        state = .awaitingOptionHeader
     }
 
     /// The 18 bytes the server sends first.
@@ -82,7 +136,7 @@ public struct Handshake: Sendable {
         case .awaitingClientFlags: return 4
         case .awaitingOptionHeader: return 16
         case .awaitingOptionPayload(_, let length): return length
-        case .finished, .closed: return 0
+        case .awaitingTLS, .finished, .closed: return 0
         }
     }
 
@@ -125,8 +179,8 @@ public struct Handshake: Sendable {
             state = .awaitingOptionHeader
             return handle(option: option, payload: input)
 
-        case .finished, .closed:
-            preconditionFailure("handshake input after it ended (\(state))")
+        case .awaitingTLS, .finished, .closed:
+            preconditionFailure("handshake input while it takes none (\(state))")
         }
     }
 
@@ -139,6 +193,12 @@ public struct Handshake: Sendable {
 
     private mutating func handle(option raw: UInt32, payload: [UInt8]) -> HandshakeAction {
         state = .awaitingOptionHeader
+        // FORCEDTLS: before TLS only STARTTLS and ABORT are answered, unknown options included.
+        // EXPORT_NAME has no error reply.
+        if tlsPolicy == .require && !tlsActive && raw != NBDOption.startTLS.rawValue && raw != NBDOption.abort.rawValue {
+            if raw == NBDOption.exportName.rawValue { return close("EXPORT_NAME before TLS on a server that requires TLS") }
+            return .proceed(reply: Self.error(.errorTLSRequired, option: raw, "this server requires TLS: use STARTTLS"))
+        }
         guard let option = NBDOption(rawValue: raw) else {
             return .proceed(reply: Self.error(.errorUnsupported, option: raw, "option \(raw) is not supported"))
         }
@@ -148,8 +208,7 @@ public struct Handshake: Sendable {
             state = .closed
             return .abort(reply: Self.reply(.ack, option: raw))
         case .list: return list(payload)
-        case .startTLS:
-            return .proceed(reply: Self.error(.errorPolicy, option: raw, "TLS is not configured on this server"))
+        case .startTLS: return startTLS(payload)
         case .info, .go: return infoOrGo(option, payload)
         case .structuredReply: return enableStructuredReplies(payload)
         case .extendedHeaders: return enableExtendedHeaders(payload)
@@ -166,6 +225,8 @@ public struct Handshake: Sendable {
             return close("EXPORT_NAME for an unknown export")
         }
         if let refusal = export.refusal { return close("EXPORT_NAME refused: \(refusal)") }
+        if needsTLS(export) { return close("EXPORT_NAME before TLS for TLS-only export \"\(name)\"") }
+        if let refusal = pskRefusal(export) { return close("EXPORT_NAME refused: \(refusal)") }
         var w = WireWriter()
         w.u64(export.size)
         w.u16(advertisedFlags(export).rawValue)
@@ -181,7 +242,8 @@ public struct Handshake: Sendable {
             return .proceed(reply: Self.error(.errorPolicy, option: NBDOption.list.rawValue, "this server does not list its exports"))
         }
         var out: [UInt8] = []
-        for export in exports where export.refusal == nil {
+        // TLS-only exports are not shown to a client that has not started TLS (SELECTIVETLS).
+        for export in exports where export.refusal == nil && !needsTLS(export) && pskRefusal(export) == nil {
             var w = WireWriter()
             let name = Array(export.name.utf8)
             w.u32(UInt32(name.count))
@@ -210,6 +272,7 @@ public struct Handshake: Sendable {
             return .proceed(reply: Self.error(.errorUnknown, option: raw, "no export named \"\(name)\""))
         }
         if let refusal = export.refusal { return .proceed(reply: Self.error(.errorPolicy, option: raw, refusal)) }
+        if let reply = tlsRefusal(export, option: raw) { return .proceed(reply: reply) }
         var out: [UInt8] = []
         var w = WireWriter()
         w.u16(NBDInfoType.export.rawValue)
@@ -302,6 +365,7 @@ public struct Handshake: Sendable {
             return .proceed(reply: Self.error(.errorUnknown, option: raw, "no export named \"\(name)\""))
         }
         if let refusal = export.refusal { return .proceed(reply: Self.error(.errorPolicy, option: raw, refusal)) }
+        if let reply = tlsRefusal(export, option: raw) { return .proceed(reply: reply) }
         var matches: [String] = []
         if option == .listMetaContext {
             // LIST with no query lists everything; a namespace alone ("base:", "qemu:") is a wildcard.
@@ -331,7 +395,48 @@ public struct Handshake: Sendable {
         return .proceed(reply: out)
     }
 
+    /// NBD_OPT_STARTTLS: ACK and hand over to TLS, or the error the spec names.
+    private mutating func startTLS(_ payload: [UInt8]) -> HandshakeAction {
+        let raw = NBDOption.startTLS.rawValue
+        guard tlsPolicy != .off else {
+            return .proceed(reply: Self.error(.errorPolicy, option: raw, "TLS is not configured on this server"))
+        }
+        guard payload.isEmpty else {
+            return .proceed(reply: Self.error(.errorInvalid, option: raw, "STARTTLS takes no payload"))
+        }
+        guard !tlsActive else {
+            return .proceed(reply: Self.error(.errorInvalid, option: raw, "TLS is already active"))
+        }
+        state = .awaitingTLS
+        return .startTLS(reply: Self.reply(.ack, option: raw))
+    }
+
     // MARK: - Helpers
+
+    /// True when the export may only be used over TLS and TLS has not started. An export with allowed
+    /// PSK usernames is TLS-only too: without TLS there is no username to check.
+    private func needsTLS(_ export: ExportDescriptor) -> Bool {
+        guard !tlsActive else { return false }
+        guard tlsPolicy != .require else { return true }
+        guard let rule = tlsRules[export.name] else { return false }
+        return rule.tlsRequired || rule.allowedPSKUsernames != nil
+    }
+
+    /// Over TLS, why this client's PSK username may not use the export (nil: it may).
+    private func pskRefusal(_ export: ExportDescriptor) -> String? {
+        guard tlsActive, let allowed = tlsRules[export.name]?.allowedPSKUsernames else { return nil }
+        guard let user = pskUsername else { return "export \"\(export.name)\" is only for PSK users" }
+        return allowed.contains(user) ? nil : "PSK user \"\(user)\" may not use export \"\(export.name)\""
+    }
+
+    /// The error reply for an INFO, GO or meta-context option on an export TLS keeps from this client.
+    private func tlsRefusal(_ export: ExportDescriptor, option raw: UInt32) -> [UInt8]? {
+        if needsTLS(export) {
+            return Self.error(.errorTLSRequired, option: raw, "export \"\(export.name)\" requires TLS")
+        }
+        if let refusal = pskRefusal(export) { return Self.error(.errorPolicy, option: raw, refusal) }
+        return nil
+    }
 
     /// The export's flags as this negotiation advertises them. SEND_DF MUST be clear without structured
     /// replies, and SEND_FAST_ZERO MUST be clear without SEND_WRITE_ZEROES, whatever the export says.

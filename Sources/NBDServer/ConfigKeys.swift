@@ -1,6 +1,8 @@
 // What each config key means: nbd-server's keys with the same meaning, qnbd's own keys, and the
 // nbd-server keys qnbd refuses with a reason (see ConfigFile.swift for the dialect).
 
+import NBDProtocol
+import TLS
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,11 +12,12 @@ extension ConfigFile {
     static let genericKeys = [
         "port", "listenaddr", "unixsock", "duallisten", "user", "group", "allowlist", "includedir",
         "maxconnections", "max_threads", "threads", "handshake-timeout", "send-timeout",
+        "tls", "tls-certificates", "tls-psk", "tls-verify-peer", "tls-authz-file", "tls-priority",
     ]
     /// Keys of an export section. `listenaddr` is accepted and ignored there, as nbd-server does.
     static let exportKeys = [
         "exportname", "readonly", "authfile", "maxconnections", "trim", "flush", "fua", "rotational",
-        "listenaddr", "format", "description", "cache-size",
+        "listenaddr", "format", "description", "cache-size", "tls", "tls-psk-users",
     ]
     /// nbd-server keys qnbd does not implement, with what they do there.
     static let unimplementedKeys: [String: String] = [
@@ -34,12 +37,12 @@ extension ConfigFile {
         "virtstyle": "a different file per client address",
         "waitfile": "live migration with SIGUSR1",
         "splice": "splice(2) for reads and writes",
-        "force_tls": "TLS (not implemented in qnbd yet)",
-        "tlsonly": "TLS (not implemented in qnbd yet)",
-        "certfile": "TLS (not implemented in qnbd yet)",
-        "keyfile": "TLS (not implemented in qnbd yet)",
-        "cacertfile": "TLS (not implemented in qnbd yet)",
-        "tlsprio": "TLS (not implemented in qnbd yet)",
+        "force_tls": "TLS required; qnbd: tls = require in [generic]",
+        "tlsonly": "a TLS-only export; qnbd: tls = require in the export's section",
+        "certfile": "the TLS server certificate; qnbd: tls-certificates = DIR with server-cert.pem",
+        "keyfile": "the TLS server key; qnbd: tls-certificates = DIR with server-key.pem",
+        "cacertfile": "the TLS CA certificate; qnbd: tls-certificates = DIR with ca-cert.pem",
+        "tlsprio": "the TLS priority string; qnbd: tls-priority",
         "oldstyle": "the oldstyle handshake (removed from nbd-server 3.10 too)",
         "modernport": "the oldstyle handshake's second port (removed from nbd-server too)",
     ]
@@ -72,6 +75,24 @@ extension ConfigFile {
                     configuration.connectionLimits.handshakeTimeoutMilliseconds = UInt64(try integer(entry, 1...86_400)) * 1000
                 case "send-timeout":
                     configuration.connectionLimits.sendTimeoutMilliseconds = UInt64(try integer(entry, 0...86_400)) * 1000
+                case "tls":
+                    guard let mode = TLSPolicy(rawValue: entry.value) else {
+                        throw ConfigError(file: entry.file, line: entry.line, "key \"tls\" must be off, on or require, not \"\(entry.value)\"")
+                    }
+                    configuration.tlsMode = mode
+                case "tls-certificates":
+                    let directory = try path(entry)
+                    configuration.tls = withTLS { $0.certificateDirectory = directory }
+                case "tls-psk":
+                    let file = try path(entry)
+                    configuration.tls = withTLS { $0.pskFile = file }
+                case "tls-verify-peer":
+                    let on = try boolean(entry)
+                    configuration.tls = withTLS { $0.verifyPeer = on }
+                case "tls-authz-file": configuration.tlsAuthzFile = try path(entry)
+                case "tls-priority":
+                    let priority = try text(entry)
+                    configuration.tls = withTLS { $0.priority = priority }
                 default: try refuse(entry, in: section, generic: true)
                 }
             }
@@ -106,6 +127,20 @@ extension ConfigFile {
                     }
                     export.format = format
                 case "description": export.description = entry.value
+                case "tls":
+                    // nbd-server's tlsonly, per export; `on` is the default and says so explicitly.
+                    switch entry.value {
+                    case "require": export.tlsRequired = true
+                    case "on": export.tlsRequired = false
+                    default:
+                        throw ConfigError(file: entry.file, line: entry.line, "key \"tls\" in an export must be require or on, not \"\(entry.value)\"")
+                    }
+                case "tls-psk-users":
+                    let users = entry.value.split(separator: ",").map { String($0.trimmingSpaces) }.filter { !$0.isEmpty }
+                    if users.isEmpty {
+                        throw ConfigError(file: entry.file, line: entry.line, "key \"tls-psk-users\" needs at least one PSK username (name,name)")
+                    }
+                    export.allowedPSKUsernames = users
                 case "cache-size":
                     guard let bytes = ServerConfiguration.parseSize(entry.value) else {
                         throw ConfigError(file: entry.file, line: entry.line, "key \"cache-size\" must be a size such as 16M or 262144, not \"\(entry.value)\"")
@@ -145,6 +180,13 @@ extension ConfigFile {
                 message += "; the keys there are " + known.joined(separator: ", ")
             }
             throw ConfigError(file: entry.file, line: entry.line, message)
+        }
+
+        /// The TLS settings so far with one change.
+        private func withTLS(_ change: (inout TLSConfiguration) -> Void) -> TLSConfiguration {
+            var settings = configuration.tls ?? TLSConfiguration()
+            change(&settings)
+            return settings
         }
 
         private func boolean(_ entry: Entry) throws(ConfigError) -> Bool {

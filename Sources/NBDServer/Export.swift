@@ -82,13 +82,20 @@ public final class ExportTable {
     }
 
     /// A handshake for one client: exports it may not use carry their refusal.
-    func handshake(forPeer peer: String) -> Handshake {
+    func handshake(forPeer peer: String, tls: TLSPolicy = .off) -> Handshake {
         let list = exports.map { export -> ExportDescriptor in
             var descriptor = export.descriptor
             descriptor.refusal = export.refusal(forPeer: peer)
             return descriptor
         }
-        return Handshake(exports: list, listAllowed: listAllowed)
+        var rules: [String: ExportTLSRule] = [:]
+        for export in exports {
+            let c = export.configuration
+            if c.tlsRequired || c.allowedPSKUsernames != nil {
+                rules[export.name] = ExportTLSRule(tlsRequired: c.tlsRequired, allowedPSKUsernames: c.allowedPSKUsernames)
+            }
+        }
+        return Handshake(exports: list, listAllowed: listAllowed, tls: tls, tlsRules: rules)
     }
 
     /// Binds connection `id` to the export it negotiated; nil if the export is gone or full by now, or

@@ -16,6 +16,7 @@
 
 import BlockDevice
 import NBDProtocol
+import TLS
 import UVCore
 #if canImport(Glibc)
 import Glibc
@@ -53,6 +54,8 @@ public final class Server {
     private var imagesClosing = false
     private var exitStatus: Int32 = 0
     private var pidFileDescriptor: Int32 = -1
+    /// Loaded once at startup (before privileges are dropped: key files are often root's only).
+    private var tlsCredentials: TLSCredentials?
 
     public init(configuration: ServerConfiguration) throws(ServerError) {
         self.configuration = configuration
@@ -71,6 +74,7 @@ public final class Server {
         exports = ExportTable([])
         exports.listAllowed = configuration.allowList
         try Self.checkImageConflicts(configuration.exports)
+        tlsCredentials = try Self.loadTLS(configuration, log: log)
         try listen()
         do throws(ServerError) {
             try preparePidFile()
@@ -337,6 +341,53 @@ public final class Server {
     }
 }
 
+extension Server {
+    /// The credentials TLS needs, or nil when it is off. A missing or unreadable file stops startup
+    /// with a message naming it; key files others can read only warn.
+    static func loadTLS(_ configuration: ServerConfiguration, log: Logger) throws(ServerError) -> TLSCredentials? {
+        let mode = configuration.effectiveTLSMode
+        let needsTLS = configuration.exports.contains { $0.tlsRequired || $0.allowedPSKUsernames != nil }
+        guard mode != .off else {
+            if needsTLS { throw ServerError("an export requires TLS (tls = require or tls-psk-users) but TLS is off") }
+            return nil
+        }
+        guard var settings = configuration.tls else {
+            throw ServerError("TLS mode \(mode.rawValue) needs credentials: --tls-certificates DIR or --tls-psk FILE")
+        }
+        if let file = configuration.tlsAuthzFile {
+            settings.allowedClientDNs = (settings.allowedClientDNs ?? []) + (try readDNList(file))
+        }
+        // An allowed-DN list only means something for verified certificates, so it turns verification on.
+        if settings.allowedClientDNs != nil { settings.verifyPeer = true }
+        if let problem = settings.problems().first { throw ServerError("TLS: \(problem)") }
+        let credentials: TLSCredentials
+        do {
+            credentials = try TLSCredentials(settings)
+        } catch {
+            throw ServerError("TLS: \(error)")
+        }
+        for warning in credentials.warnings { log.warning("TLS: \(warning)") }
+        return credentials
+    }
+
+    /// One DN a line; blank lines and lines starting with # are skipped.
+    private static func readDNList(_ path: String) throws(ServerError) -> [String] {
+        guard let file = fopen(path, "r") else {
+            throw ServerError("TLS: cannot read the allowed-DN file \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { fclose(file) }
+        var names: [String] = []
+        var line: UnsafeMutablePointer<CChar>?
+        var capacity = 0
+        defer { free(line) }
+        while getline(&line, &capacity, file) >= 0, let line {
+            let text = String(String(cString: line).trimmingSpaces.filter { $0 != "\n" && $0 != "\r" && $0 != "\t" })
+            if !text.isEmpty && !text.hasPrefix("#") { names.append(text) }
+        }
+        return names
+    }
+}
+
 extension Server: ListenerDelegate {
     public func listener(_ listener: Listener, didAccept stream: SocketStream) {
         guard !stopping else { return stream.close() }
@@ -348,7 +399,8 @@ extension Server: ListenerDelegate {
         let id = nextConnectionID
         nextConnectionID += 1
         let connection = Connection(id: id, stream: stream, server: self, exports: exports, pool: pool, log: log,
-                                    limits: configuration.connectionLimits, budget: budget, loop: loop)
+                                    limits: configuration.connectionLimits, budget: budget, loop: loop,
+                                    tls: tlsCredentials, tlsPolicy: configuration.effectiveTLSMode)
         connections[id] = connection
         connectionStarts[id] = ConnectionReport.now
         log.info("connection \(id) from \(stream.peerDescription) on \(listener.localDescription)")

@@ -1,6 +1,9 @@
 // Everything `qnbd serve` can be told, as plain data the command line or a config file fills in:
 // settings for the whole server, and one ExportConfiguration per export.
 
+import NBDProtocol
+import TLS
+
 public struct ServerConfiguration: Sendable {
     public enum ImageFormat: String, Sendable, CaseIterable {
         case raw
@@ -35,6 +38,14 @@ public struct ServerConfiguration: Sendable {
     /// Who the process becomes once its sockets are bound, before any image opens.
     public var user: String?
     public var group: String?
+    /// Whether STARTTLS is offered or required; nil: `on` when credentials are given, else `off`.
+    public var tlsMode: TLSPolicy?
+    /// TLS credentials and client checks (certificates, PSK file, verify-peer, authz, priority).
+    public var tls: TLSConfiguration?
+    /// A file of allowed client certificate DNs, one a line (read at startup; added to `tls`'s list).
+    public var tlsAuthzFile: String?
+    /// The mode in force: what was asked, or `on` when credentials were given.
+    public var effectiveTLSMode: TLSPolicy { tlsMode ?? (tls == nil ? .off : .on) }
     /// The file this configuration came from; SIGHUP re-reads it.
     public var configFile: String?
     /// What the command line changes on top of the file; applied again to every reload.
@@ -56,6 +67,7 @@ public struct ServerConfiguration: Sendable {
         if user != other.user || group != other.group { changed.append("user/group") }
         if threadPoolSize != other.threadPoolSize { changed.append("threads") }
         if memoryBudgetBytes != other.memoryBudgetBytes { changed.append("memory budget") }
+        if effectiveTLSMode != other.effectiveTLSMode || tls != other.tls || tlsAuthzFile != other.tlsAuthzFile { changed.append("TLS settings") }
         return changed
     }
 }
@@ -82,6 +94,10 @@ public struct ExportConfiguration: Sendable, Equatable {
     public var flush: Bool?
     public var fua: Bool?
     public var rotational: Bool?
+    /// `tls = require`: only served over TLS (SELECTIVETLS; hidden from LIST before STARTTLS).
+    public var tlsRequired = false
+    /// `tls-psk-users`: the PSK usernames that may use this export (implies TLS-only).
+    public var allowedPSKUsernames: [String]?
     /// Where the export was defined ("FILE:LINE"), for messages; empty for the command line.
     public var origin = ""
 

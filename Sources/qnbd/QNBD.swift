@@ -2,7 +2,9 @@
 // formed here, so nothing libuv calls can inherit main-actor isolation (see research/swift-libuv.md).
 
 import ArgumentParser
+import NBDProtocol
 import NBDServer
+import TLS
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -107,6 +109,35 @@ struct Serve: ParsableCommand {
         "Close a connection whose replies the client has not read for SECONDS (0: never; default 30).", valueName: "SECONDS"))
     var sendTimeout: Int?
 
+    @Option(name: .long, help: ArgumentHelp(
+        "TLS: off, on (STARTTLS offered) or require (nothing else answered before it). Default: on when credentials are given.",
+        valueName: "MODE"))
+    var tls: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "X.509 credentials: DIR holds ca-cert.pem, server-cert.pem, server-key.pem and optionally ca-crl.pem (qemu's and nbdkit's layout).",
+        valueName: "DIR"))
+    var tlsCertificates: String?
+
+    @Option(name: .long, help: ArgumentHelp("PSK credentials: a psktool file of username:hexkey lines.", valueName: "FILE"))
+    var tlsPsk: String?
+
+    @Flag(name: .long, help: "Require a client certificate signed by the CA in --tls-certificates.")
+    var tlsVerifyPeer = false
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Allow only the client certificate with this distinguished name (repeatable; implies --tls-verify-peer).",
+        valueName: "DN"))
+    var tlsAuthz: [String] = []
+
+    @Option(name: .long, help: ArgumentHelp(
+        "Allow only the client certificate DNs listed in FILE, one a line (implies --tls-verify-peer).", valueName: "FILE"))
+    var tlsAuthzFile: String?
+
+    @Option(name: .long, help: ArgumentHelp(
+        "GnuTLS priority string (default \(TLSConfiguration.defaultPriority)).", valueName: "STRING"))
+    var tlsPriority: String?
+
     @Flag(name: .shortAndLong, help: "More logging (repeat for more).")
     var verbose: Int
 
@@ -135,6 +166,8 @@ struct Serve: ParsableCommand {
         if let format, ServerConfiguration.ImageFormat(rawValue: format) == nil {
             throw ValidationError("--format must be raw or qcow2, not \(format)")
         }
+        if let tls, TLSPolicy(rawValue: tls) == nil { throw ValidationError("--tls must be off, on or require, not \(tls)") }
+        if tlsPriority?.isEmpty == true { throw ValidationError("--tls-priority needs a GnuTLS priority string") }
         if let logLevel, Logger.Level(name: logLevel) == nil {
             throw ValidationError("--log-level must be error, warning, info, debug or trace, not \(logLevel)")
         }
@@ -152,6 +185,10 @@ struct Serve: ParsableCommand {
             listen = (bind.isEmpty ? ["::"] : bind).map { .tcp(host: $0, port: port ?? 10809) }
         }
         let listenOverride = listen
+        let tlsMode = tls.flatMap(TLSPolicy.init(rawValue:))
+        let (tlsCertificates, tlsPsk, tlsVerifyPeer, tlsAuthz, tlsAuthzFile, tlsPriority)
+            = (tlsCertificates, tlsPsk, tlsVerifyPeer, tlsAuthz, tlsAuthzFile, tlsPriority)
+        let changesTLS = tlsCertificates != nil || tlsPsk != nil || tlsVerifyPeer || !tlsAuthz.isEmpty || tlsPriority != nil
         let (maxConnections, threads, handshakeTimeout, sendTimeout, pidFile) = (maxConnections, threads, handshakeTimeout, sendTimeout, pidFile)
         let level: Logger.Level? = logLevel.flatMap(Logger.Level.init(name:)) ?? (verbose > 0 ? [.debug, .trace][min(verbose, 2) - 1] : nil)
         return { configuration in
@@ -162,6 +199,17 @@ struct Serve: ParsableCommand {
             if let sendTimeout { configuration.connectionLimits.sendTimeoutMilliseconds = UInt64(sendTimeout) * 1000 }
             if let pidFile { configuration.pidFile = pidFile }
             if let level { configuration.logLevel = level }
+            if let tlsMode { configuration.tlsMode = tlsMode }
+            if changesTLS {
+                var settings = configuration.tls ?? TLSConfiguration()
+                if let tlsCertificates { settings.certificateDirectory = tlsCertificates }
+                if let tlsPsk { settings.pskFile = tlsPsk }
+                if tlsVerifyPeer { settings.verifyPeer = true }
+                if !tlsAuthz.isEmpty { settings.allowedClientDNs = tlsAuthz }
+                if let tlsPriority { settings.priority = tlsPriority }
+                configuration.tls = settings
+            }
+            if let tlsAuthzFile { configuration.tlsAuthzFile = tlsAuthzFile }
         }
     }
 

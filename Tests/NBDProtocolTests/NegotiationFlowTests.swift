@@ -151,6 +151,7 @@ struct NegotiationFlowTests {
             case .proceed: #expect(hs.state == .awaitingOptionHeader)
             case .startTransmission: #expect(hs.state == .finished)
             case .abort, .close: #expect(hs.state == .closed)
+            case .startTLS: #expect(hs.state == .awaitingTLS)
             }
         }
         #expect(hs.bytesNeeded == 0)
@@ -267,6 +268,14 @@ struct HandshakeFuzzTests {
             ensure(hs.bytesNeeded == 0, "closed machine wants bytes", seed: seed)
             ensure(!reason.isEmpty, "close without reason", seed: seed)
             return false
+        case .startTLS(let reply):
+            // Only a whole, empty STARTTLS before TLS gets here, and the machine then takes no bytes.
+            ensure(hs.state == .awaitingTLS, "STARTTLS ACK but not awaiting TLS", seed: seed)
+            ensure(hs.bytesNeeded == 0, "machine wants bytes while TLS starts", seed: seed)
+            ensure(!hs.tlsActive, "STARTTLS accepted twice", seed: seed)
+            ensure(reply == rep(.startTLS, .ack), "STARTTLS without ACK", seed: seed)
+            if case .option(let option) = fed { ensure(option == NBDOption.startTLS.rawValue, "TLS for another option", seed: seed) }
+            return true
         }
     }
 
@@ -283,6 +292,8 @@ struct HandshakeFuzzTests {
             p = metaPayload(name, (0..<Int.random(in: 0...3, using: &rng)).map { _ in queries.randomElement(using: &rng)! })
         case 1:
             p = utf8(name)
+        case 5:
+            p = []
         default:
             p = .random(count: Int.random(in: 0...40, using: &rng), using: &rng)
         }
@@ -303,10 +314,22 @@ struct HandshakeFuzzTests {
         limits.maximumOptionLength = 256
         limits.maximumOptions = 40
         var endings: [String: Int] = [:]
+        var tlsRuns = 0
         for run in 0..<1500 {
             let seed = shard << 32 | UInt64(run)
             var rng = SeededRandom(seed: seed)
-            var hs = Handshake(exports: Fixture.exports, limits: Bool.random(using: &rng) ? limits : HandshakeLimits())
+            // Every TLS policy, and sometimes a TLS-only export (SELECTIVETLS) or a PSK-user export.
+            let policy = TLSPolicy.allCases.randomElement(using: &rng)!
+            var rules: [String: ExportTLSRule] = [:]
+            if policy != .off {
+                switch Int.random(in: 0..<3, using: &rng) {
+                case 0: rules["disk"] = ExportTLSRule(tlsRequired: true)
+                case 1: rules["disk"] = ExportTLSRule(allowedPSKUsernames: ["alice"])
+                default: break
+                }
+            }
+            var hs = Handshake(exports: Fixture.exports, limits: Bool.random(using: &rng) ? limits : HandshakeLimits(),
+                               tls: policy, tlsRules: rules)
             var pending: [UInt8] = []
             var ending = "still negotiating"
             steps: for _ in 0..<200 {
@@ -316,8 +339,10 @@ struct HandshakeFuzzTests {
                 case .awaitingClientFlags:
                     input = be32([3, 3, 3, 1, 0, 2, UInt32.random(in: 0 ... .max, using: &rng)].randomElement(using: &rng)!)
                 case .awaitingOptionHeader:
-                    let option = Int.random(in: 0..<10, using: &rng) == 0
+                    var option = Int.random(in: 0..<10, using: &rng) == 0
                         ? UInt32.random(in: 0 ... .max, using: &rng) : UInt32.random(in: 0...13, using: &rng)
+                    // STARTTLS early and often where TLS is on, so the over-TLS half gets exercised.
+                    if policy != .off && !hs.tlsActive && Int.random(in: 0..<4, using: &rng) == 0 { option = 5 }
                     pending = Self.payload(for: option, &rng)
                     var length = UInt32(pending.count)
                     switch Int.random(in: 0..<100, using: &rng) {
@@ -329,20 +354,42 @@ struct HandshakeFuzzTests {
                     input = optionHeader(option, length: length, magic: magic)
                 case .awaitingOptionPayload(_, let length):
                     input = pending.count == length ? pending : .random(count: length, using: &rng)
-                case .finished, .closed:
+                case .awaitingTLS, .finished, .closed:
                     Issue.record("state \(before) without an ending action (seed \(seed))")
                     return
                 }
                 Self.ensure(input.count == hs.bytesNeeded, "generator out of step", seed: seed)
+                let wasTLS = hs.tlsActive
+                let fed = Fed(before, input)
                 let action = hs.receive(input)
-                if !Self.check(action, hs, fed: Fed(before, input), seed: seed) {
+                // FORCEDTLS: before TLS only STARTTLS and ABORT get anything but TLS_REQD (EXPORT_NAME: close).
+                if policy == .require, !wasTLS, case .option(let option) = fed, option != 2, option != 5 {
+                    if option == 1 {
+                        Self.ensure(action.isClose, "EXPORT_NAME before TLS not closed", seed: seed)
+                    } else {
+                        let last = action.proceedReply.flatMap(parseReplies)?.last
+                        Self.ensure(last?.type == NBDOptionReply.errorTLSRequired.rawValue, "option \(option) before TLS not TLS_REQD", seed: seed)
+                    }
+                }
+                if case .startTransmission(_, let session) = action {
+                    // A TLS-only export is never entered in the clear, nor by another PSK user.
+                    if rules[session.export.name] != nil || policy == .require {
+                        Self.ensure(hs.tlsActive, "TLS-only export entered without TLS", seed: seed)
+                    }
+                }
+                if !Self.check(action, hs, fed: fed, seed: seed) {
                     switch action {
                     case .proceed: ending = "proceed"
                     case .startTransmission: ending = "transmission"
                     case .abort: ending = "abort"
                     case .close: ending = "close"
+                    case .startTLS: ending = "startTLS"
                     }
                     break steps
+                }
+                if case .startTLS = action {
+                    hs.tlsEstablished(pskUsername: ["alice", "bob", nil].randomElement(using: &rng)!)
+                    tlsRuns += 1
                 }
             }
             endings[ending, default: 0] += 1
@@ -352,6 +399,7 @@ struct HandshakeFuzzTests {
         #expect(endings["abort", default: 0] > 50)
         #expect(endings["close", default: 0] > 50)
         #expect(endings["proceed"] == nil)
+        #expect(tlsRuns > 20)
     }
 
     /// Pure noise after valid client flags, fed in `bytesNeeded` chunks until it runs out or the machine ends.

@@ -126,8 +126,9 @@ struct Client {
     var hs: Handshake
 
     init(_ exports: [ExportDescriptor] = Fixture.exports, flags: UInt32 = 3,
-         limits: HandshakeLimits = HandshakeLimits(), sourceLocation: SourceLocation = #_sourceLocation) {
-        hs = Handshake(exports: exports, limits: limits)
+         limits: HandshakeLimits = HandshakeLimits(), tls: TLSPolicy = .off,
+         tlsRules: [String: ExportTLSRule] = [:], sourceLocation: SourceLocation = #_sourceLocation) {
+        hs = Handshake(exports: exports, limits: limits, tls: tls, tlsRules: tlsRules)
         #expect(hs.bytesNeeded == 4, sourceLocation: sourceLocation)
         #expect(hs.receive(be32(flags)) == .proceed(reply: []), sourceLocation: sourceLocation)
         #expect(hs.state == .awaitingOptionHeader, sourceLocation: sourceLocation)

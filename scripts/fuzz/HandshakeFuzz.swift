@@ -2,8 +2,14 @@
 // by scripts/fuzz/run. The input is what a client sends, after one configuration byte:
 //
 //   byte 0, bits 0-5: the server's export set (flags, block sizes, contexts); bit 6 set: the rest of the
-//   input drives ReplyEncoder directly (random styles, extents, messages) instead of a connection.
-//   bytes 1...: client flags, options and, once transmission starts, request headers and payloads.
+//   input drives ReplyEncoder directly (random styles, extents, messages) instead of a connection;
+//   bit 7 set: TLS is configured, and the next byte says how (see TLSSetup).
+//   then: client flags, options and, once transmission starts, request headers and payloads.
+//
+// With TLS, a STARTTLS the machine accepts is followed at once by `tlsEstablished` (the harness plays
+// the TLS layer), so the options after it are the ones a client sends over TLS. The harness traps when
+// the machine wants bytes while TLS starts, accepts STARTTLS twice, answers anything but STARTTLS and
+// ABORT before TLS under `require`, or lets a client into a TLS-only export without TLS.
 //
 // The handshake is fed exactly `bytesNeeded` bytes at a time, as Connection does. Once it starts
 // transmission the rest is parsed as request headers, each validated against the negotiated session,
@@ -85,9 +91,28 @@ func checkOptionReplies(_ reply: [UInt8], option: UInt32) {
     }
 }
 
+/// The TLS byte: bits 0-1 the policy (1: require, otherwise on), bit 2 export "disk" is TLS-only,
+/// bit 3 export "disk" only for PSK user alice, bits 4-5 the PSK username TLS reports (none, alice, bob).
+struct TLSSetup {
+    var policy: TLSPolicy = .off
+    var pskUsername: String?
+    var rules: [String: ExportTLSRule] = [:]
+
+    init(config: UInt8, _ input: inout FuzzInput) {
+        guard config & 0x80 != 0 else { return }
+        let byte = input.u8()
+        policy = byte & 3 == 1 ? .require : .on
+        if byte & 12 != 0 {
+            rules["disk"] = ExportTLSRule(tlsRequired: byte & 4 != 0, allowedPSKUsernames: byte & 8 != 0 ? ["alice"] : nil)
+        }
+        pskUsername = [nil, "alice", "bob", nil][Int(byte >> 4) & 3]
+    }
+}
+
 func fuzzConnection(config: UInt8, _ input: inout FuzzInput) {
     let exports = makeExports(config)
-    var handshake = Handshake(exports: exports)
+    let tls = TLSSetup(config: config, &input)
+    var handshake = Handshake(exports: exports, tls: tls.policy, tlsRules: tls.rules)
     check(Handshake.greeting.count == 18, "greeting is not 18 bytes")
     var lastOption: UInt32 = 0
     var session: NegotiatedSession?
@@ -95,10 +120,37 @@ func fuzzConnection(config: UInt8, _ input: inout FuzzInput) {
         let n = handshake.bytesNeeded
         check(n > 0, "handshake wants 0 bytes in \(handshake.state)")
         guard let chunk = input.take(n) else { return }
-        if case .awaitingOptionHeader = handshake.state { lastOption = UInt32(be(chunk[8..<12])) }
-        switch handshake.receive(chunk) {
+        // Whether this chunk completes an option: a header without payload, or the payload.
+        let optionComplete: Bool
+        switch handshake.state {
+        case .awaitingOptionHeader:
+            lastOption = UInt32(be(chunk[8..<12]))
+            optionComplete = be(chunk[12..<16]) == 0
+        case .awaitingOptionPayload: optionComplete = true
+        default: optionComplete = false
+        }
+        let wasTLS = handshake.tlsActive
+        let action = handshake.receive(chunk)
+        if tls.policy == .require && !wasTLS && optionComplete
+            && lastOption != NBDOption.startTLS.rawValue && lastOption != NBDOption.abort.rawValue {
+            switch action {
+            case .close: break
+            case .proceed(let reply):
+                check(reply.count >= 20 && be(reply[12..<16]) == 0x8000_0005 && reply.count == 20 + Int(be(reply[16..<20])),
+                      "option \(lastOption) before TLS under require not answered TLS_REQD alone")
+            default: check(false, "option \(lastOption) before TLS under require: \(action)")
+            }
+        }
+        switch action {
         case .proceed(let reply):
             checkOptionReplies(reply, option: lastOption)
+        case .startTLS(let reply):
+            check(tls.policy != .off && !wasTLS, "STARTTLS accepted with TLS off or already active")
+            check(lastOption == NBDOption.startTLS.rawValue, "TLS started by option \(lastOption)")
+            check(handshake.state == .awaitingTLS && handshake.bytesNeeded == 0, "the machine reads while TLS starts")
+            checkOptionReplies(reply, option: lastOption)
+            check(reply.count == 20 && be(reply[12..<16]) == 1, "STARTTLS answered with more than an ACK")
+            handshake.tlsEstablished(pskUsername: tls.pskUsername)
         case .abort(let reply):
             checkOptionReplies(reply, option: lastOption)
             check(handshake.state == .closed && handshake.bytesNeeded == 0, "abort left the machine open")
@@ -109,6 +161,13 @@ func fuzzConnection(config: UInt8, _ input: inout FuzzInput) {
         case .startTransmission(let reply, let s):
             check(handshake.state == .finished && handshake.bytesNeeded == 0, "transmission with the machine open")
             if lastOption != NBDOption.exportName.rawValue { checkOptionReplies(reply, option: lastOption) }
+            let rule = tls.rules[s.export.name]
+            if tls.policy == .require || rule != nil {
+                check(handshake.tlsActive, "TLS-only export \"\(s.export.name)\" entered without TLS")
+            }
+            if let allowed = rule?.allowedPSKUsernames {
+                check(tls.pskUsername.map(allowed.contains) == true, "PSK-only export entered by another user")
+            }
             session = s
             break loop
         }
