@@ -89,11 +89,18 @@ public final class TLSCredentials: @unchecked Sendable {
             try gnutlsCheck(gnutls_psk_set_server_known_dh_params(psk, GNUTLS_SEC_PARAM_MEDIUM), "PSK DH parameters")
         }
 
-        var errorPosition: UnsafePointer<CChar>?
         let priority = configuration.effectivePriority
-        let rc = gnutls_priority_init(&priorities, priority, &errorPosition)
+        // GnuTLS reports where parsing stopped as a pointer into the string it was given, so that
+        // pointer is turned into an offset while the C string is still alive.
+        var errorOffset: Int?
+        let rc = priority.withCString { text -> Int32 in
+            var errorPosition: UnsafePointer<CChar>?
+            let rc = gnutls_priority_init(&priorities, text, &errorPosition)
+            if rc < 0, let errorPosition { errorOffset = text.distance(to: errorPosition) }
+            return rc
+        }
         if rc < 0 {
-            let at = errorPosition.map { " at \"\(String(cString: $0))\"" } ?? ""
+            let at = errorOffset.map { " at \"\(String(decoding: priority.utf8.dropFirst($0), as: UTF8.self))\"" } ?? ""
             throw .badConfiguration("priority string \"\(priority)\": \(String(cString: gnutls_strerror(rc)))\(at)")
         }
 
