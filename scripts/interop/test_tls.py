@@ -150,14 +150,14 @@ class TLSBase(T.QnbdTestCase):
 class TLSX509Test(TLSBase):
     def test_nbdinfo_over_tcp_and_unix(self):
         srv = self.serve("--tls-certificates", self.cred.x509)
-        out = T._s(self.nbdinfo(self.x509_uri(srv)).stdout)
+        out = T.as_text(self.nbdinfo(self.x509_uri(srv)).stdout)
         self.assertIn("with TLS", out)
         self.assertIn("export-size: %d" % T.DEFAULT_SIZE, out)
         unix = self.serve("--tls-certificates", self.cred.x509, tcp=False, socket_path=os.path.join(self.dir, "u.sock"),
                           pid_file=os.path.join(self.dir, "u.pid"))
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.x509_uri(unix)).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.x509_uri(unix)).stdout))
         # `on` (the default with credentials) still serves plaintext clients.
-        self.assertIn("without TLS", T._s(self.nbdinfo(srv.uri()).stdout))
+        self.assertIn("without TLS", T.as_text(self.nbdinfo(srv.uri()).stdout))
 
     def test_nbdcopy_in_and_out_with_data_verified(self):
         srv = self.serve("--tls", "require", "--tls-certificates", self.cred.x509)
@@ -178,7 +178,7 @@ class TLSX509Test(TLSBase):
     def test_wrong_ca_is_refused(self):
         srv = self.serve("--tls-certificates", self.cred.x509)
         self.assertRefused(self.x509_uri(srv, certs=self.cred.other_ca))
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.x509_uri(srv)).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.x509_uri(srv)).stdout))
 
     def test_expired_server_certificate_is_refused(self):
         srv = self.serve("--tls-certificates", self.cred.expired)
@@ -190,7 +190,7 @@ class TLSX509Test(TLSBase):
         self.assertIn("not in the allowed list", srv.log())
         ok = self.serve("--tls", "require", "--tls-certificates", self.cred.x509, "--tls-authz", CLIENT_DN,
                         pid_file=os.path.join(self.dir, "ok.pid"))
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.x509_uri(ok, certs=self.cred.client)).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.x509_uri(ok, certs=self.cred.client)).stdout))
         # --tls-authz implies --tls-verify-peer: no certificate, no entry.
         self.assertRefused(self.x509_uri(ok))
 
@@ -199,21 +199,21 @@ class TLSX509Test(TLSBase):
         with open(listing, "w") as f:
             f.write("# allowed clients\nCN=nobody\n%s\n" % CLIENT_DN)
         srv = self.serve("--tls-certificates", self.cred.x509, "--tls-authz-file", listing)
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.x509_uri(srv, certs=self.cred.client)).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.x509_uri(srv, certs=self.cred.client)).stdout))
 
     def test_verify_peer_needs_a_client_certificate(self):
         srv = self.serve("--tls-certificates", self.cred.x509, "--tls-verify-peer")
         self.assertRefused(self.x509_uri(srv))
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.x509_uri(srv, certs=self.cred.client)).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.x509_uri(srv, certs=self.cred.client)).stdout))
 
 
 class TLSPSKTest(TLSBase):
     def test_psk_nbdinfo(self):
         srv = self.serve("--tls", "require", "--tls-psk", self.cred.psk)
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.psk_uri(srv)).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.psk_uri(srv)).stdout))
         unix = self.serve("--tls-psk", self.cred.psk, tcp=False, socket_path=os.path.join(self.dir, "u.sock"),
                           pid_file=os.path.join(self.dir, "u.pid"))
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.psk_uri(unix, user="bob")).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.psk_uri(unix, user="bob")).stdout))
 
     def test_wrong_psk_is_refused(self):
         srv = self.serve("--tls", "require", "--tls-psk", self.cred.psk)
@@ -232,9 +232,9 @@ tls-psk-users = alice
 exportname = %s
 """ % (self.cred.psk, self.img, self.image(name="open.img")))
         srv = self.start_config_server(cfg, tcp=True)
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.psk_uri(srv, user="alice", name="secret")).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.psk_uri(srv, user="alice", name="secret")).stdout))
         self.assertRefused(self.psk_uri(srv, user="bob", name="secret"))
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.psk_uri(srv, user="bob", name="open")).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.psk_uri(srv, user="bob", name="open")).stdout))
         # In the clear the export is TLS-only.
         with self.raw(srv) as c:
             c.start()
@@ -249,11 +249,11 @@ class TLSQemuTest(TLSBase):
     def test_qemu_img_and_qemu_io_with_x509(self):
         srv = self.serve("--tls", "require", "--tls-certificates", self.cred.x509)
         obj = "tls-creds-x509,id=tls0,dir=%s,endpoint=client" % self.cred.client_noauth
-        info = T._s(T.run(["qemu-img", "info", "--object", obj, "--image-opts", self.opts(srv)], timeout=60).stdout)
+        info = T.as_text(T.run(["qemu-img", "info", "--object", obj, "--image-opts", self.opts(srv)], timeout=60).stdout)
         self.assertIn(str(T.DEFAULT_SIZE), info)
         r = T.run(["qemu-io", "--object", obj, "--image-opts", self.opts(srv),
                    "-c", "write -P 0xab 4M 1M", "-c", "read -P 0xab 4M 1M", "-c", "read -P 0 5M 64k"], timeout=60)
-        self.assertNotIn("Pattern verification failed", T._s(r.stdout))
+        self.assertNotIn("Pattern verification failed", T.as_text(r.stdout))
         self.assertEqual(T.read_file(self.img, 4 * MiB, MiB), b"\xab" * MiB)
 
     def test_qemu_io_with_psk_and_refusals(self):
@@ -261,7 +261,7 @@ class TLSQemuTest(TLSBase):
         obj = "tls-creds-psk,id=tls0,dir=%s,username=alice,endpoint=client" % self.cred.psk_dir
         r = T.run(["qemu-io", "--object", obj, "--image-opts", self.opts(srv),
                    "-c", "write -P 0x5a 0 64k", "-c", "read -P 0x5a 0 64k"], timeout=60)
-        self.assertNotIn("Pattern verification failed", T._s(r.stdout))
+        self.assertNotIn("Pattern verification failed", T.as_text(r.stdout))
         self.assertEqual(T.read_file(self.img, 0, 64 * KiB), b"\x5a" * 64 * KiB)
         wrong = "tls-creds-psk,id=tls0,dir=%s,username=alice,endpoint=client" % self.cred.wrong_psk_dir
         r = T.run(["qemu-img", "info", "--object", wrong, "--image-opts", self.opts(srv)], timeout=60, check=False)
@@ -326,7 +326,7 @@ class TLSHandshakeTest(TLSBase):
         os.chmod(os.path.join(loose, "server-key.pem"), 0o644)
         srv = self.serve("--tls-certificates", loose)
         self.assertIn("server-key.pem", srv.log())
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.x509_uri(srv)).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.x509_uri(srv)).stdout))
 
     def test_starttls_then_tls_then_negotiation_starts_over(self):
         srv = self.serve("--tls-certificates", self.cred.x509)
@@ -379,7 +379,7 @@ class TLSHandshakeTest(TLSBase):
             self.assertTrue(c.wait_closed(6), "a client stalled mid-TLS-handshake must be cut off")
         self.assertIn("handshake timed out", srv.log())
         # The server still serves.
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.x509_uri(srv)).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.x509_uri(srv)).stdout))
 
     def test_connection_cap_counts_tls_connections(self):
         srv = self.serve("--tls-certificates", self.cred.x509, "--max-connections", "1")
@@ -392,7 +392,7 @@ class TLSHandshakeTest(TLSBase):
         deadline = time.monotonic() + 5
         while "closed" not in srv.log() and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.x509_uri(srv)).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.x509_uri(srv)).stdout))
 
     def test_selective_tls_export_is_hidden_and_refused_in_the_clear(self):
         cfg = T.write_config(os.path.join(self.dir, "q.conf"), """
@@ -419,8 +419,8 @@ exportname = %s
             c.go("secret")
             self.assertEqual(c.read(0, 4096).data, DATA[:4096])
             c.disconnect()
-        self.assertIn("with TLS", T._s(self.nbdinfo(self.x509_uri(srv, name="secret")).stdout))
-        self.assertIn("without TLS", T._s(self.nbdinfo(srv.uri("open")).stdout))
+        self.assertIn("with TLS", T.as_text(self.nbdinfo(self.x509_uri(srv, name="secret")).stdout))
+        self.assertIn("without TLS", T.as_text(self.nbdinfo(srv.uri("open")).stdout))
 
 
 if __name__ == "__main__":

@@ -38,14 +38,15 @@ def run(cmd, timeout=120, check=True, input=None, env=None, cwd=None):
                            text=True, env=env, cwd=cwd or tmp_root())
     except subprocess.TimeoutExpired as e:
         raise AssertionError("timed out after %ss: %s\n%s%s" % (timeout, " ".join(cmd),
-                             _s(e.stdout), _s(e.stderr)))
+                             as_text(e.stdout), as_text(e.stderr)))
     if check and p.returncode != 0:
         raise AssertionError("exit %d: %s\nstdout:\n%s\nstderr:\n%s" % (
             p.returncode, " ".join(cmd), p.stdout[-4000:], p.stderr[-4000:]))
     return p
 
 
-def _s(b):
+def as_text(b):
+    """Captured output as str, whether the subprocess gave bytes, str or nothing."""
     if b is None:
         return ""
     return b.decode(errors="replace") if isinstance(b, bytes) else b
