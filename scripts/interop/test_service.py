@@ -203,7 +203,7 @@ class JournalTests(QnbdTestCase):
             p = subprocess.Popen([QNBD, "serve", img, "--socket", sock], stderr=f, stdout=subprocess.DEVNULL,
                                  stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             self.addCleanup(lambda: p.poll() is None and p.kill())
-            wait_for(lambda: os.path.exists(sock), "the socket")
+            wait_for(lambda: unix_socket_accepts(sock), "the socket to accept")
             h = self.connect(None, uri="nbd+unix:///?socket=" + uri_quote_socket(sock))
             nbd_close(h)
             p.send_signal(signal.SIGTERM)

@@ -52,5 +52,16 @@ def as_text(b):
     return b.decode(errors="replace") if isinstance(b, bytes) else b
 
 
+def unix_socket_accepts(path):
+    """True once a server listens on the unix socket at `path`: the file appears at bind(), before
+    listen(), so its existence alone races with a client's connect (ECONNREFUSED)."""
+    with contextlib.closing(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
 def uri_quote_socket(path):
     return path.replace("%", "%25").replace("&", "%26").replace("?", "%3F")
