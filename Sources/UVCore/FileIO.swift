@@ -48,6 +48,7 @@
 // loop thread does not touch the request between uv_queue_work and the
 // after-work callback, and libuv's queue lock orders the two sides.
 
+import CLibURing
 import CLibUV
 import SystemCalls
 #if canImport(Glibc)
@@ -65,8 +66,30 @@ public protocol FileIOCompletion: AnyObject {
 public enum FileIOOutcome {
     /// Finished on the loop thread: bytes (the full length) or -errno. No completion call follows.
     case done(Int)
-    /// Handed to the thread pool; the completion will be called.
+    /// Handed to the thread pool or the ring; the completion will be called.
     case queued
+}
+
+/// Where a FileIO sends the work it cannot finish inline (qemu-nbd's `--aio` names).
+public enum FileIOBackend: String, Sendable, CaseIterable {
+    /// libuv's thread pool.
+    case threads
+    /// An io_uring per FileIO, driven by the loop (FileRing); the pool only for what the kernel's
+    /// ring cannot do and for `run` jobs.
+    case ioUring = "io_uring"
+
+    /// The backend an `--aio` / `aio =` value names, or why it names none.
+    public static func parse(aio text: String) -> Result<FileIOBackend, FileIOBackendNameError> {
+        if let backend = FileIOBackend(rawValue: text) { return .success(backend) }
+        if text == "native" {
+            return .failure(FileIOBackendNameError(description: "aio mode \"native\" (Linux AIO) is not supported: use io_uring or threads"))
+        }
+        return .failure(FileIOBackendNameError(description: "aio mode \"\(text)\" is unknown: use io_uring or threads"))
+    }
+}
+
+public struct FileIOBackendNameError: Error, CustomStringConvertible, Sendable {
+    public let description: String
 }
 
 /// FALLOC_FL_* bits for `FileIO.fallocate(mode:)` (defined with the syscalls; named here so users of
@@ -98,6 +121,10 @@ struct FileWorkRequest {
     var context: UInt64 = 0
     var completion: (any FileIOCompletion)?
     var job: (@Sendable () -> Int)?
+    /// Ring backend: the range an ordered request changes ([0, max) for an ordered job), and its
+    /// index in `FileIO.ordering` while it runs (-1 when it is not there).
+    var changes: Range<UInt64> = 0..<0
+    var orderingIndex = -1
 }
 
 private let onWork: uv_work_cb = { work in
@@ -145,6 +172,13 @@ final class LaneTurnstile: @unchecked Sendable {
         pthread_cond_broadcast(condition)
         pthread_mutex_unlock(mutex)
     }
+}
+
+private let onRingReadable: uv_poll_cb = { handle, _, _ in
+    guard let owner = handle!.pointee.data else { return }
+    let io = Unmanaged<FileIO>.fromOpaque(owner)
+    // The release must happen outside the borrow: it may be the FileIO's last reference.
+    if io._withUnsafeGuaranteedRef({ $0.reapRing() }) { io.release() }
 }
 
 private let onAfterWork: uv_after_work_cb = { work, status in
@@ -206,6 +240,19 @@ public final class FileIO {
     private let turnstile = LaneTurnstile()
     @exclusivity(unchecked) private var turnEndScheduled = false
 
+    /// The io_uring backend's ring; nil on the thread pool backend (or after close()).
+    @exclusivity(unchecked) private var ring: FileRing?
+    /// Ring backend: operations handed to the ring (retries included), for tests.
+    @exclusivity(unchecked) private(set) var ringSubmissions = 0
+    /// Ring backend: requests waiting for room in the ring, oldest first (chained through `next`).
+    @exclusivity(unchecked) private var ringWaiting: (head: UnsafeMutablePointer<FileWorkRequest>?,
+                                                      tail: UnsafeMutablePointer<FileWorkRequest>?) = (nil, nil)
+    /// Ring backend: the ordered requests running now (their `changes` never overlap), and the ones
+    /// waiting to run, oldest first. See "Order on the ring" in `submit`.
+    @exclusivity(unchecked) private var ordering: [UnsafeMutablePointer<FileWorkRequest>] = []
+    @exclusivity(unchecked) private var orderingWaiting: (head: UnsafeMutablePointer<FileWorkRequest>?,
+                                                          tail: UnsafeMutablePointer<FileWorkRequest>?) = (nil, nil)
+
     /// A lane batch stops growing at this many bytes; this much waiting is queued without waiting for
     /// the running batch.
     static let laneBatchBytes = 256 << 10
@@ -225,14 +272,52 @@ public final class FileIO {
     /// False once the kernel said EOPNOTSUPP to a NOWAIT write (buffered ext4 does).
     public var triesInlineWrites: Bool { inlineWritesSupported }
 
-    /// The loop must outlive this FileIO and all of its queued work.
+    /// Which backend this FileIO uses.
+    public var backend: FileIOBackend { ring == nil ? .threads : .ioUring }
+
+    /// A FileIO on libuv's thread pool. The loop must outlive this FileIO and all of its queued work.
     public init(loop: EventLoop) {
         self.loop = loop
         freeRequests.reserveCapacity(64)
     }
 
+    /// A FileIO on `backend`; `.ioUring` throws when the ring cannot be made. Call `close()` before
+    /// closing the loop (the ring's poll handle is open until then).
+    public convenience init(loop: EventLoop, backend: FileIOBackend,
+                            ringEntries: UInt32 = 128) throws(FileRingUnavailable) {
+        self.init(loop: loop)
+        guard backend == .ioUring else { return }
+        ring = try FileRing(loop: loop, entries: ringEntries, owner: Unmanaged.passUnretained(self).toOpaque(),
+                            onReadable: onRingReadable)
+        ordering.reserveCapacity(ring!.capacity)
+    }
+
+    /// The FileIO a server wants: `backend` if given (io_uring may throw), otherwise io_uring when
+    /// the kernel lets this process make a ring, else the thread pool, with the reason in `note`.
+    public static func preferred(loop: EventLoop, backend: FileIOBackend?, ringEntries: UInt32 = 128)
+        throws(FileRingUnavailable) -> (io: FileIO, note: String?) {
+        if let backend { return (try FileIO(loop: loop, backend: backend, ringEntries: ringEntries), nil) }
+        do {
+            return (try FileIO(loop: loop, backend: .ioUring, ringEntries: ringEntries), nil)
+        } catch {
+            return (FileIO(loop: loop), "file I/O on the thread pool: io_uring is not available (\(error))")
+        }
+    }
+
+    /// Releases the ring (a thread-pool FileIO has nothing to release) and runs the loop once without
+    /// blocking so libuv finishes closing its poll handle; call it once the loop has stopped, before
+    /// closing the loop. Nothing may be in flight. Later calls fall back to the thread pool.
+    public func close() {
+        guard let ring else { return }
+        precondition(inFlight == 0, "FileIO closed with \(inFlight) operations in flight")
+        ring.close()
+        self.ring = nil
+        loop.runNoWait()
+    }
+
     deinit {
         // inFlight == 0 here: in-flight work keeps self alive.
+        ring?.close()
         for request in freeRequests {
             request.pointee.uv.deallocate()
             request.deinitialize(count: 1)
@@ -277,8 +362,9 @@ public final class FileIO {
         guard length > 0 else { return .done(0) }
         let base = UnsafeMutableRawPointer(mutating: buffer.baseAddress!)
         var done = 0
-        // Not while the lane is busy: an inline write would overtake the writes queued there.
-        if !dsync && inlineWritesSupported && length <= inlineWriteLimit && lane.head == nil && laneBatches == 0 {
+        // Not while the lane is busy: an inline write would overtake the writes queued there. Not on
+        // the ring either: the kernel makes the same non-blocking attempt during the turn's submit.
+        if ring == nil && !dsync && inlineWritesSupported && length <= inlineWriteLimit && lane.head == nil && laneBatches == 0 {
             let n = SystemCall.writeWithoutBlocking(fd, from: base, count: length, at: offset)
             if n == length {
                 counters.inlineWrites += 1
@@ -336,6 +422,24 @@ public final class FileIO {
         request.pointee.next = nil
         if inFlight == 0 { _ = Unmanaged.passRetained(self) }
         inFlight += 1
+        if ring != nil {
+            // Order on the ring. The ring runs what it holds in any order, so the lane's guarantee
+            // (requests that change the file take effect in the order they were submitted) is kept
+            // by never running two ordered requests whose ranges overlap at once: one that overlaps
+            // a running one waits, and everything ordered after it waits behind it. An ordered job
+            // changes an unknown range, so it covers everything.
+            if ordered {
+                request.pointee.changes = operation == .run ? 0..<UInt64.max : offset..<(offset + UInt64(length))
+                if orderingWaiting.head == nil && !overlapsRunningOrdered(request) {
+                    startOrdered(request)
+                } else {
+                    append(request, to: &orderingWaiting)
+                }
+            } else {
+                dispatch(request)
+            }
+            return
+        }
         if ordered {
             if let tail = lane.tail { tail.pointee.next = request } else { lane.head = request }
             lane.tail = request
@@ -345,6 +449,164 @@ public final class FileIO {
             queue(request)
         }
     }
+
+    // MARK: - Ring backend
+
+    private func append(_ request: UnsafeMutablePointer<FileWorkRequest>,
+                        to list: inout (head: UnsafeMutablePointer<FileWorkRequest>?, tail: UnsafeMutablePointer<FileWorkRequest>?)) {
+        if let tail = list.tail { tail.pointee.next = request } else { list.head = request }
+        list.tail = request
+    }
+
+    private func popFirst(_ list: inout (head: UnsafeMutablePointer<FileWorkRequest>?,
+                                         tail: UnsafeMutablePointer<FileWorkRequest>?)) -> UnsafeMutablePointer<FileWorkRequest>? {
+        guard let head = list.head else { return nil }
+        list.head = head.pointee.next
+        if list.head == nil { list.tail = nil }
+        head.pointee.next = nil
+        return head
+    }
+
+    private func overlapsRunningOrdered(_ request: UnsafeMutablePointer<FileWorkRequest>) -> Bool {
+        let changes = request.pointee.changes
+        for other in ordering where other.pointee.changes.overlaps(changes) { return true }
+        return false
+    }
+
+    private func startOrdered(_ request: UnsafeMutablePointer<FileWorkRequest>) {
+        request.pointee.orderingIndex = ordering.count
+        ordering.append(request)
+        dispatch(request)
+    }
+
+    /// Takes a finished ordered request out of `ordering` and starts the waiting ones it was holding up.
+    private func leaveOrdering(_ request: UnsafeMutablePointer<FileWorkRequest>) {
+        let index = request.pointee.orderingIndex
+        let last = ordering.removeLast()
+        if last != request {
+            ordering[index] = last
+            last.pointee.orderingIndex = index
+        }
+        request.pointee.orderingIndex = -1
+        while let head = orderingWaiting.head, !overlapsRunningOrdered(head) {
+            startOrdered(popFirst(&orderingWaiting)!)
+        }
+    }
+
+    /// To the ring if the kernel can do it there, otherwise to the pool (one request, no lane).
+    private func dispatch(_ request: UnsafeMutablePointer<FileWorkRequest>) {
+        let ring = ring!
+        switch request.pointee.operation {
+        case .read, .write, .writeDSync: break
+        case .fdatasync where ring.supportsFsync: break
+        case .fallocate where ring.supportsFallocate: break
+        default:
+            queue(request)
+            return
+        }
+        if ring.inFlight >= ring.capacity {
+            append(request, to: &ringWaiting)
+        } else {
+            prepare(request, on: ring)
+        }
+    }
+
+    /// Writes the request's submission entry; the turn's end submits it with the rest.
+    private func prepare(_ request: UnsafeMutablePointer<FileWorkRequest>, on ring: FileRing) {
+        let sqe = ring.nextEntry()
+        ringSubmissions &+= 1
+        let token = UInt64(UInt(bitPattern: request))
+        let r = request.pointee
+        // One operation moves at most 1 GiB (io_uring's length is 32-bit); the rest is a short transfer.
+        let chunk = UInt32(min(r.length, 1 << 30))
+        switch r.operation {
+        case .read:
+            qnbd_uring_prep_read(sqe, r.fd, r.buffer, chunk, r.offset, token)
+        case .write, .writeDSync:
+            qnbd_uring_prep_write(sqe, r.fd, r.buffer, chunk, r.offset, r.operation == .writeDSync ? 1 : 0, token)
+        case .fdatasync:
+            qnbd_uring_prep_fdatasync(sqe, r.fd, token)
+        case .fallocate:
+            qnbd_uring_prep_fallocate(sqe, r.fd, r.mode, r.offset, UInt64(r.length), token)
+        case .run:
+            preconditionFailure("a job cannot run on the ring")
+        }
+        if !turnEndScheduled {
+            turnEndScheduled = true
+            loop.runAtTurnEnd(self)
+        }
+    }
+
+    /// Delivers every completion the ring holds, then fills the ring from the waiting requests.
+    /// Returns true when the last in-flight request finished: the caller drops the self-reference.
+    fileprivate func reapRing() -> Bool {
+        guard let ring else { return false }
+        let held = inFlight > 0
+        ring.reap { token, result in
+            ringCompleted(UnsafeMutablePointer(bitPattern: UInt(token))!, result: Int(result), ring: ring)
+        }
+        while ring.inFlight < ring.capacity, let request = popFirst(&ringWaiting) {
+            prepare(request, on: ring)
+        }
+        ring.updateReference()
+        return held && inFlight == 0
+    }
+
+    /// One completion: a retry (EINTR, EAGAIN, a short transfer: the rest goes again, as
+    /// SystemCall's loops do) or the request's result.
+    private func ringCompleted(_ request: UnsafeMutablePointer<FileWorkRequest>, result: Int, ring: FileRing) {
+        let operation = request.pointee.operation
+        if result == -Int(EINTR) || result == -Int(EAGAIN) {
+            prepare(request, on: ring)
+            return
+        }
+        var final = result
+        switch operation {
+        case .read, .write, .writeDSync:
+            let length = request.pointee.length
+            if result > 0 && result < length {
+                request.pointee.buffer! += result
+                request.pointee.offset += UInt64(result)
+                request.pointee.length -= result
+                request.pointee.alreadyDone += result
+                prepare(request, on: ring)
+                return
+            }
+            if operation == .writeDSync && (result == -Int(EOPNOTSUPP) || result == -Int(EINVAL)) {
+                // No RWF_DSYNC here: the pool does it as a write and an fdatasync.
+                queue(request)
+                return
+            }
+            if result == 0 {
+                if operation == .read {
+                    // End of file: the rest reads as zeros.
+                    request.pointee.buffer!.initializeMemory(as: UInt8.self, repeating: 0, count: length)
+                    final = length
+                } else {
+                    final = -Int(EIO)   // no progress and no error: do not spin
+                }
+            }
+            if final > 0 { final += request.pointee.alreadyDone }
+        default:
+            break
+        }
+        if request.pointee.orderingIndex >= 0 { leaveOrdering(request) }
+        let context = request.pointee.context
+        let completion = request.pointee.completion!
+        recycle(request)
+        completion.fileIOCompleted(context: context, result: final)
+        inFlight -= 1
+    }
+
+    private func recycle(_ request: UnsafeMutablePointer<FileWorkRequest>) {
+        request.pointee.completion = nil
+        request.pointee.job = nil
+        request.pointee.buffer = nil
+        request.pointee.next = nil
+        freeRequests.append(request)
+    }
+
+    // MARK: - Thread pool
 
     private func queue(_ head: UnsafeMutablePointer<FileWorkRequest>) {
         // uv_queue_work fails only for a nil work callback.
@@ -388,11 +650,8 @@ public final class FileIO {
             let completion = request.pointee.completion!
             var result = status < 0 ? Int(status) : request.pointee.result
             if result >= 0 { result += request.pointee.alreadyDone }
-            request.pointee.completion = nil
-            request.pointee.job = nil
-            request.pointee.buffer = nil
-            request.pointee.next = nil
-            freeRequests.append(request)
+            if request.pointee.orderingIndex >= 0 { leaveOrdering(request) }
+            recycle(request)
             completion.fileIOCompleted(context: context, result: result)
             inFlight -= 1
         }
@@ -403,6 +662,13 @@ public final class FileIO {
 extension FileIO: TurnEndTask {
     public func runAtTurnEnd() {
         turnEndScheduled = false
+        if let ring {
+            // The turn's entries go to the kernel in one call; what finished during it is delivered
+            // now rather than after a wake-up. (The loop's task list holds self during this call.)
+            ring.submit()
+            if reapRing() { Unmanaged.passUnretained(self).release() }
+            return
+        }
         while laneBatchDue {
             // Up to laneBatchBytes from the front of the lane (at least one request).
             let head = lane.head!
