@@ -77,6 +77,18 @@ static inline int qnbd_uring_supported_ops(struct io_uring *ring) {
     return bits;
 }
 
+/// Makes the entry's successor wait for it (even if it fails), and posts no completion if it succeeds.
+static inline void qnbd_uring_link_silently(struct io_uring_sqe *sqe) {
+    sqe->flags |= IOSQE_IO_HARDLINK | IOSQE_CQE_SKIP_SUCCESS;
+}
+
+/// Whether the kernel honours IOSQE_CQE_SKIP_SUCCESS (5.17).
+static inline int qnbd_uring_can_skip_completions(const struct io_uring *ring) {
+    return (ring->features & IORING_FEAT_CQE_SKIP) != 0;
+}
+
+static inline unsigned qnbd_uring_sq_space(const struct io_uring *ring) { return io_uring_sq_space_left(ring); }
+static inline unsigned qnbd_uring_sq_entries(const struct io_uring *ring) { return ring->sq.ring_entries; }
 static inline int qnbd_uring_fd(const struct io_uring *ring) { return ring->ring_fd; }
 static inline unsigned qnbd_uring_cq_entries(const struct io_uring *ring) { return ring->cq.ring_entries; }
 #endif

@@ -121,10 +121,18 @@ struct FileWorkRequest {
     var context: UInt64 = 0
     var completion: (any FileIOCompletion)?
     var job: (@Sendable () -> Int)?
-    /// Ring backend: the range an ordered request changes ([0, max) for an ordered job), and its
-    /// index in `FileIO.ordering` while it runs (-1 when it is not there).
-    var changes: Range<UInt64> = 0..<0
-    var orderingIndex = -1
+    /// Ring backend: the range an ordered request changes (everything for an ordered job: a
+    /// barrier), and whether it holds its place in the ordering gate.
+    var changesStart: UInt64 = 0
+    var changesEnd: UInt64 = 0
+    var isBarrier = false
+    var holdsGate = false
+    /// Ring backend, a member of a write chain (see `flushWriteChains`); members are linked through
+    /// `next`, and the last one knows the first.
+    var chained = false
+    var chainFirst: UnsafeMutablePointer<FileWorkRequest>?
+    /// A member that posted a completion (it failed or was short) before its chain ended: its result.
+    var chainReported = false
 }
 
 private let onWork: uv_work_cb = { work in
@@ -247,9 +255,15 @@ public final class FileIO {
     /// Ring backend: requests waiting for room in the ring, oldest first (chained through `next`).
     @exclusivity(unchecked) private var ringWaiting: (head: UnsafeMutablePointer<FileWorkRequest>?,
                                                       tail: UnsafeMutablePointer<FileWorkRequest>?) = (nil, nil)
-    /// Ring backend: the ordered requests running now (their `changes` never overlap), and the ones
-    /// waiting to run, oldest first. See "Order on the ring" in `submit`.
-    @exclusivity(unchecked) private var ordering: [UnsafeMutablePointer<FileWorkRequest>] = []
+    /// Ring backend: what the ordered requests running now change, and the ones waiting to run,
+    /// oldest first (see RingOrderingGate).
+    @exclusivity(unchecked) private var gate = RingOrderingGate()
+    /// Ring backend: plain writes of this turn, to go to the kernel as chains at the turn's end.
+    @exclusivity(unchecked) private var pendingWrites: (head: UnsafeMutablePointer<FileWorkRequest>?,
+                                                        tail: UnsafeMutablePointer<FileWorkRequest>?) = (nil, nil)
+    @exclusivity(unchecked) private var pendingWriteCount = 0
+    /// Writes handed to the ring and writes waiting for this turn's chains, for tests.
+    var ringWritesAccepted: Int { ringSubmissions + pendingWriteCount }
     @exclusivity(unchecked) private var orderingWaiting: (head: UnsafeMutablePointer<FileWorkRequest>?,
                                                           tail: UnsafeMutablePointer<FileWorkRequest>?) = (nil, nil)
 
@@ -289,7 +303,6 @@ public final class FileIO {
         guard backend == .ioUring else { return }
         ring = try FileRing(loop: loop, entries: ringEntries, owner: Unmanaged.passUnretained(self).toOpaque(),
                             onReadable: onRingReadable)
-        ordering.reserveCapacity(ring!.capacity)
     }
 
     /// The FileIO a server wants: `backend` if given (io_uring may throw), otherwise io_uring when
@@ -318,6 +331,7 @@ public final class FileIO {
     deinit {
         // inFlight == 0 here: in-flight work keeps self alive.
         ring?.close()
+        gate.deallocate()
         for request in freeRequests {
             request.pointee.uv.deallocate()
             request.deinitialize(count: 1)
@@ -423,14 +437,13 @@ public final class FileIO {
         if inFlight == 0 { _ = Unmanaged.passRetained(self) }
         inFlight += 1
         if ring != nil {
-            // Order on the ring. The ring runs what it holds in any order, so the lane's guarantee
-            // (requests that change the file take effect in the order they were submitted) is kept
-            // by never running two ordered requests whose ranges overlap at once: one that overlaps
-            // a running one waits, and everything ordered after it waits behind it. An ordered job
-            // changes an unknown range, so it covers everything.
+            // Order on the ring (see RingOrderingGate): an ordered request that overlaps a running
+            // one waits, and everything ordered after it waits behind it.
             if ordered {
-                request.pointee.changes = operation == .run ? 0..<UInt64.max : offset..<(offset + UInt64(length))
-                if orderingWaiting.head == nil && !overlapsRunningOrdered(request) {
+                request.pointee.changesStart = offset
+                request.pointee.changesEnd = offset + UInt64(length)
+                request.pointee.isBarrier = operation == .run
+                if orderingWaiting.head == nil && admits(request) {
                     startOrdered(request)
                 } else {
                     append(request, to: &orderingWaiting)
@@ -467,28 +480,21 @@ public final class FileIO {
         return head
     }
 
-    private func overlapsRunningOrdered(_ request: UnsafeMutablePointer<FileWorkRequest>) -> Bool {
-        let changes = request.pointee.changes
-        for other in ordering where other.pointee.changes.overlaps(changes) { return true }
-        return false
+    private func admits(_ request: UnsafeMutablePointer<FileWorkRequest>) -> Bool {
+        gate.admits(start: request.pointee.changesStart, end: request.pointee.changesEnd, barrier: request.pointee.isBarrier)
     }
 
     private func startOrdered(_ request: UnsafeMutablePointer<FileWorkRequest>) {
-        request.pointee.orderingIndex = ordering.count
-        ordering.append(request)
+        request.pointee.holdsGate = true
+        gate.enter(start: request.pointee.changesStart, end: request.pointee.changesEnd, barrier: request.pointee.isBarrier)
         dispatch(request)
     }
 
-    /// Takes a finished ordered request out of `ordering` and starts the waiting ones it was holding up.
+    /// Takes a finished ordered request out of the gate and starts the waiting ones it was holding up.
     private func leaveOrdering(_ request: UnsafeMutablePointer<FileWorkRequest>) {
-        let index = request.pointee.orderingIndex
-        let last = ordering.removeLast()
-        if last != request {
-            ordering[index] = last
-            last.pointee.orderingIndex = index
-        }
-        request.pointee.orderingIndex = -1
-        while let head = orderingWaiting.head, !overlapsRunningOrdered(head) {
+        request.pointee.holdsGate = false
+        gate.leave(start: request.pointee.changesStart, end: request.pointee.changesEnd, barrier: request.pointee.isBarrier)
+        while let head = orderingWaiting.head, admits(head) {
             startOrdered(popFirst(&orderingWaiting)!)
         }
     }
@@ -504,15 +510,86 @@ public final class FileIO {
             queue(request)
             return
         }
-        if ring.inFlight >= ring.capacity {
+        start(request, on: ring)
+    }
+
+    /// Into the ring (plain writes: into this turn's chains), or to wait for room.
+    private func start(_ request: UnsafeMutablePointer<FileWorkRequest>, on ring: FileRing) {
+        if ring.inFlight + pendingWriteCount >= ring.capacity {
             append(request, to: &ringWaiting)
+        } else if ring.canChain && request.pointee.operation == .write {
+            append(request, to: &pendingWrites)
+            pendingWriteCount += 1
+            scheduleTurnEnd()
         } else {
             prepare(request, on: ring)
         }
     }
 
+    private func scheduleTurnEnd() {
+        if !turnEndScheduled {
+            turnEndScheduled = true
+            loop.runAtTurnEnd(self)
+        }
+    }
+
+    /// Write chains. On a filesystem without non-blocking buffered writes (ext4), the kernel hands
+    /// every ring write to an io-wq worker, and each completion would wake the loop: more wake-ups
+    /// than the thread pool's lane, which does a turn's writes in one job. So a turn's writes go as
+    /// chains of up to `longestChain` hard-linked entries (run one after another, like the lane's
+    /// batch, failures not breaking the chain) in which only the last posts a completion when all
+    /// goes well: one wake-up per chain. A member that fails or comes up short posts its own
+    /// completion; it is kept until the chain's end (its record must stay in the chain), then
+    /// retried or finished. Members never overlap (the ordering gate let all of them run at once).
+    private func flushWriteChains(_ ring: FileRing) {
+        while pendingWriteCount > 0 {
+            let count = min(pendingWriteCount, ring.longestChain)
+            ring.makeRoom(for: count)
+            var first: UnsafeMutablePointer<FileWorkRequest>?
+            var previous: UnsafeMutablePointer<FileWorkRequest>?
+            for index in 0..<count {
+                let request = popFirst(&pendingWrites)!
+                pendingWriteCount -= 1
+                let sqe = prepare(request, on: ring)
+                guard count > 1 else { break }
+                request.pointee.chained = true
+                if let previous { previous.pointee.next = request } else { first = request }
+                previous = request
+                if index < count - 1 { qnbd_uring_link_silently(sqe) } else { request.pointee.chainFirst = first }
+            }
+        }
+    }
+
+    /// The last member's completion: every member that posted nothing succeeded in full.
+    private func finishChain(from first: UnsafeMutablePointer<FileWorkRequest>, last: UnsafeMutablePointer<FileWorkRequest>,
+                             lastResult: Int, ring: FileRing) {
+        last.pointee.chainFirst = nil
+        var silent = 0
+        var member: UnsafeMutablePointer<FileWorkRequest>? = first
+        while let m = member, m != last {
+            if !m.pointee.chainReported { silent += 1 }
+            member = m.pointee.next
+        }
+        ring.completedSilently(silent)
+        member = first
+        while let m = member {
+            member = m.pointee.next
+            m.pointee.next = nil
+            m.pointee.chained = false
+            if m == last {
+                ringCompleted(m, result: lastResult, ring: ring)
+            } else if m.pointee.chainReported {
+                m.pointee.chainReported = false
+                ringCompleted(m, result: m.pointee.result, ring: ring)
+            } else {
+                ringCompleted(m, result: m.pointee.length, ring: ring)
+            }
+        }
+    }
+
     /// Writes the request's submission entry; the turn's end submits it with the rest.
-    private func prepare(_ request: UnsafeMutablePointer<FileWorkRequest>, on ring: FileRing) {
+    @discardableResult
+    private func prepare(_ request: UnsafeMutablePointer<FileWorkRequest>, on ring: FileRing) -> UnsafeMutablePointer<io_uring_sqe> {
         let sqe = ring.nextEntry()
         ringSubmissions &+= 1
         let token = UInt64(UInt(bitPattern: request))
@@ -531,10 +608,8 @@ public final class FileIO {
         case .run:
             preconditionFailure("a job cannot run on the ring")
         }
-        if !turnEndScheduled {
-            turnEndScheduled = true
-            loop.runAtTurnEnd(self)
-        }
+        scheduleTurnEnd()
+        return sqe
     }
 
     /// Delivers every completion the ring holds, then fills the ring from the waiting requests.
@@ -545,8 +620,8 @@ public final class FileIO {
         ring.reap { token, result in
             ringCompleted(UnsafeMutablePointer(bitPattern: UInt(token))!, result: Int(result), ring: ring)
         }
-        while ring.inFlight < ring.capacity, let request = popFirst(&ringWaiting) {
-            prepare(request, on: ring)
+        while ring.inFlight + pendingWriteCount < ring.capacity, let request = popFirst(&ringWaiting) {
+            start(request, on: ring)
         }
         ring.updateReference()
         return held && inFlight == 0
@@ -555,6 +630,15 @@ public final class FileIO {
     /// One completion: a retry (EINTR, EAGAIN, a short transfer: the rest goes again, as
     /// SystemCall's loops do) or the request's result.
     private func ringCompleted(_ request: UnsafeMutablePointer<FileWorkRequest>, result: Int, ring: FileRing) {
+        if request.pointee.chained {
+            if let first = request.pointee.chainFirst {
+                finishChain(from: first, last: request, lastResult: result, ring: ring)
+            } else {
+                request.pointee.result = result
+                request.pointee.chainReported = true
+            }
+            return
+        }
         let operation = request.pointee.operation
         if result == -Int(EINTR) || result == -Int(EAGAIN) {
             prepare(request, on: ring)
@@ -590,7 +674,7 @@ public final class FileIO {
         default:
             break
         }
-        if request.pointee.orderingIndex >= 0 { leaveOrdering(request) }
+        if request.pointee.holdsGate { leaveOrdering(request) }
         let context = request.pointee.context
         let completion = request.pointee.completion!
         recycle(request)
@@ -650,7 +734,7 @@ public final class FileIO {
             let completion = request.pointee.completion!
             var result = status < 0 ? Int(status) : request.pointee.result
             if result >= 0 { result += request.pointee.alreadyDone }
-            if request.pointee.orderingIndex >= 0 { leaveOrdering(request) }
+            if request.pointee.holdsGate { leaveOrdering(request) }
             recycle(request)
             completion.fileIOCompleted(context: context, result: result)
             inFlight -= 1
@@ -661,14 +745,16 @@ public final class FileIO {
 
 extension FileIO: TurnEndTask {
     public func runAtTurnEnd() {
-        turnEndScheduled = false
         if let ring {
             // The turn's entries go to the kernel in one call; what finished during it is delivered
             // now rather than after a wake-up. (The loop's task list holds self during this call.)
+            flushWriteChains(ring)
+            turnEndScheduled = false
             ring.submit()
             if reapRing() { Unmanaged.passUnretained(self).release() }
             return
         }
+        turnEndScheduled = false
         while laneBatchDue {
             // Up to laneBatchBytes from the front of the lane (at least one request).
             let head = lane.head!

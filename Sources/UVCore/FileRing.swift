@@ -50,6 +50,10 @@ final class FileRing {
     let capacity: Int
     let supportsFsync: Bool
     let supportsFallocate: Bool
+    /// Whether writes can go as silent chains (IOSQE_CQE_SKIP_SUCCESS), and the longest chain (one
+    /// chain must fit in one submit).
+    let canChain: Bool
+    let longestChain: Int
     /// Operations prepared (submitted or not) whose completion has not been reaped.
     @exclusivity(unchecked) var inFlight = 0
     /// Prepared entries not yet handed to the kernel.
@@ -78,6 +82,8 @@ final class FileRing {
         supportsFsync = ops & 4 != 0
         supportsFallocate = ops & 8 != 0
         capacity = Int(qnbd_uring_cq_entries(ring))
+        canChain = qnbd_uring_can_skip_completions(ring) != 0
+        longestChain = min(32, Int(qnbd_uring_sq_entries(ring)))
         poll = allocateHandle(uv_poll_t.self)
         let pollHandle = poll.assumingMemoryBound(to: uv_poll_t.self)
         let pollRC = uv_poll_init(loop.raw, pollHandle, qnbd_uring_fd(ring))
@@ -125,6 +131,16 @@ final class FileRing {
         unsubmitted += 1
         inFlight += 1
         return sqe
+    }
+
+    /// Submits first if fewer than `count` free entries remain, so a chain of `count` goes in one submit.
+    func makeRoom(for count: Int) {
+        if Int(qnbd_uring_sq_space(ring)) < count { submit() }
+    }
+
+    /// Entries that completed without posting a completion (the silent members of a chain).
+    func completedSilently(_ count: Int) {
+        inFlight -= count
     }
 
     /// Hands the prepared entries to the kernel (one io_uring_enter).

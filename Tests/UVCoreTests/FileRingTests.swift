@@ -107,10 +107,10 @@ import Testing
             _ = io.write(fd: file.fd, from: UnsafeRawBufferPointer(data), offset: UInt64(i * 4096), dsync: false,
                          context: UInt64(i), completion: log)
         }
-        // All 8 went into the ring in this turn; a ninth overlapping the first must wait for it.
-        #expect(io.ringSubmissions == 8)
+        // All 8 went to the ring in this turn; a ninth overlapping the first must wait for it.
+        #expect(io.ringWritesAccepted == 8)
         _ = io.write(fd: file.fd, from: UnsafeRawBufferPointer(data), offset: 2048, dsync: false, context: 8, completion: log)
-        #expect(io.ringSubmissions == 8)
+        #expect(io.ringWritesAccepted == 8)
         runLoop(loop)
         #expect(io.ringSubmissions == 9)
         #expect(log.results.count == 9)
@@ -154,5 +154,60 @@ import Testing
         #expect(native.description.contains("not supported"))
         guard case .failure(let other) = FileIOBackend.parse(aio: "posix") else { Issue.record("posix accepted"); return }
         #expect(other.description.contains("unknown"))
+    }
+}
+
+@Suite struct FileRingChainTests {
+    /// A turn's writes go as one chain; a member that fails (EFAULT: an unmapped buffer) reports on
+    /// its own without breaking the chain, and the silent members come back as full successes.
+    @Test func aChainWithAFailingMember() throws {
+        let loop = try EventLoop()
+        let file = TempFile(size: 1 << 20)
+        defer { close(file.fd) }
+        let io = try FileIO(loop: loop, backend: .ioUring)
+        let log = CompletionLog()
+        let data = UnsafeMutableRawBufferPointer.allocate(byteCount: 8 * 4096, alignment: 4096)
+        defer { data.deallocate() }
+        data.copyBytes(from: pattern(8 * 4096, seed: 11))
+        // An address no mapping covers: the kernel's copy faults.
+        let unmapped = mmap(nil, 4096, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+        defer { munmap(unmapped, 4096) }
+        for i in 0..<8 {
+            let source = i == 3 ? UnsafeRawBufferPointer(start: unmapped, count: 4096)
+                                : UnsafeRawBufferPointer(rebasing: data[(i * 4096)..<((i + 1) * 4096)])
+            _ = io.write(fd: file.fd, from: source, offset: UInt64(i * 4096), dsync: false, context: UInt64(i), completion: log)
+        }
+        #expect(io.ringSubmissions == 0, "chains are built at the turn's end")
+        runLoop(loop)
+        #expect(io.ringSubmissions == 8)
+        var expected: [UInt64: Int] = [:]
+        for i in 0..<8 { expected[UInt64(i)] = i == 3 ? -Int(EFAULT) : 4096 }
+        #expect(log.results == expected)
+        for i in 0..<8 where i != 3 {
+            #expect(file.read(offset: i * 4096, count: 4096) == Array(data[(i * 4096)..<((i + 1) * 4096)]))
+        }
+        io.close()
+        try loop.close()
+    }
+
+    /// Every member failing (/dev/full) still ends the chain and finishes every request.
+    @Test func aChainWhoseMembersAllFail() throws {
+        let loop = try EventLoop()
+        let fd = open("/dev/full", O_RDWR | O_CLOEXEC)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        let io = try FileIO(loop: loop, backend: .ioUring)
+        let log = CompletionLog()
+        let data = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { data.deallocate() }
+        for i in 0..<40 {
+            _ = io.write(fd: fd, from: UnsafeRawBufferPointer(data), offset: UInt64(i * 4096), dsync: false,
+                         context: UInt64(i), completion: log)
+        }
+        runLoop(loop)
+        #expect(log.results.count == 40)
+        #expect(log.results.values.allSatisfy { $0 == -Int(ENOSPC) })
+        io.close()
+        try loop.close()
     }
 }
