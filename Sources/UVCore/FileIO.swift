@@ -250,6 +250,8 @@ public final class FileIO {
 
     /// The io_uring backend's ring; nil on the thread pool backend (or after close()).
     @exclusivity(unchecked) private var ring: FileRing?
+    /// Ring backend: whether ordered requests use the ring (see init) or the lane.
+    @exclusivity(unchecked) private var ringWrites = false
     /// Ring backend: operations handed to the ring (retries included), for tests.
     @exclusivity(unchecked) private(set) var ringSubmissions = 0
     /// Ring backend: requests waiting for room in the ring, oldest first (chained through `next`).
@@ -297,10 +299,18 @@ public final class FileIO {
 
     /// A FileIO on `backend`; `.ioUring` throws when the ring cannot be made. Call `close()` before
     /// closing the loop (the ring's poll handle is open until then).
-    public convenience init(loop: EventLoop, backend: FileIOBackend,
-                            ringEntries: UInt32 = 128) throws(FileRingUnavailable) {
+    ///
+    /// `ringWrites`: whether writes, fallocate and ordered jobs go through the ring too (ordered by
+    /// RingOrderingGate, writes as chains) rather than the ordered lane on the pool. Off by default:
+    /// on ext4, which has no non-blocking buffered writes, the kernel hands every ring write to an
+    /// io-wq worker, and measured per write that costs more context switches, CPU and user-space
+    /// instructions than the lane's one hand-off per batch (docs/ARCHITECTURE.md, "I/O backends").
+    /// It is the path to use on a filesystem that completes buffered writes inline (XFS, btrfs).
+    public convenience init(loop: EventLoop, backend: FileIOBackend, ringEntries: UInt32 = 128,
+                            ringWrites: Bool = false) throws(FileRingUnavailable) {
         self.init(loop: loop)
         guard backend == .ioUring else { return }
+        self.ringWrites = ringWrites
         ring = try FileRing(loop: loop, entries: ringEntries, owner: Unmanaged.passUnretained(self).toOpaque(),
                             onReadable: onRingReadable)
     }
@@ -378,7 +388,7 @@ public final class FileIO {
         var done = 0
         // Not while the lane is busy: an inline write would overtake the writes queued there. Not on
         // the ring either: the kernel makes the same non-blocking attempt during the turn's submit.
-        if ring == nil && !dsync && inlineWritesSupported && length <= inlineWriteLimit && lane.head == nil && laneBatches == 0 {
+        if !(ring != nil && ringWrites) && !dsync && inlineWritesSupported && length <= inlineWriteLimit && lane.head == nil && laneBatches == 0 {
             let n = SystemCall.writeWithoutBlocking(fd, from: base, count: length, at: offset)
             if n == length {
                 counters.inlineWrites += 1
@@ -436,7 +446,7 @@ public final class FileIO {
         request.pointee.next = nil
         if inFlight == 0 { _ = Unmanaged.passRetained(self) }
         inFlight += 1
-        if ring != nil {
+        if ring != nil && (!ordered || ringWrites) {
             // Order on the ring (see RingOrderingGate): an ordered request that overlaps a running
             // one waits, and everything ordered after it waits behind it.
             if ordered {
@@ -745,15 +755,7 @@ public final class FileIO {
 
 extension FileIO: TurnEndTask {
     public func runAtTurnEnd() {
-        if let ring {
-            // The turn's entries go to the kernel in one call; what finished during it is delivered
-            // now rather than after a wake-up. (The loop's task list holds self during this call.)
-            flushWriteChains(ring)
-            turnEndScheduled = false
-            ring.submit()
-            if reapRing() { Unmanaged.passUnretained(self).release() }
-            return
-        }
+        if let ring { flushWriteChains(ring) }
         turnEndScheduled = false
         while laneBatchDue {
             // Up to laneBatchBytes from the front of the lane (at least one request).
@@ -772,6 +774,12 @@ extension FileIO: TurnEndTask {
             nextTicket += 1
             laneBatches += 1
             queue(head)
+        }
+        if let ring {
+            // The turn's entries go to the kernel in one call; what finished during it is delivered
+            // now rather than after a wake-up. (The loop's task list holds self during this call.)
+            ring.submit()
+            if reapRing() { Unmanaged.passUnretained(self).release() }
         }
     }
 }

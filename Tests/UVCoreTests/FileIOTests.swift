@@ -51,11 +51,11 @@ func isQueued(_ outcome: FileIOOutcome) -> Bool {
 }
 
 @Suite struct FileIOTests {
-    @Test(arguments: FileIOBackend.allCases) func inlineReadOfCachedData(backend: FileIOBackend) throws {
+    @Test(arguments: TestBackend.allCases) func inlineReadOfCachedData(backend: TestBackend) throws {
         let loop = try EventLoop()
         let file = TempFile(size: 1 << 20)
         defer { close(file.fd) }
-        let io = try FileIO(loop: loop, backend: backend)
+        let io = try backend.make(loop)
         let log = CompletionLog()
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 4096)
         defer { buffer.deallocate() }
@@ -77,12 +77,12 @@ func isQueued(_ outcome: FileIOOutcome) -> Bool {
         try loop.close()
     }
 
-    @Test(arguments: FileIOBackend.allCases) func pooledReadsZeroFillPastEndOfFile(backend: FileIOBackend) throws {
+    @Test(arguments: TestBackend.allCases) func pooledReadsZeroFillPastEndOfFile(backend: TestBackend) throws {
         let loop = try EventLoop()
         let size = 100_000
         let file = TempFile(size: size)
         defer { close(file.fd) }
-        let io = try FileIO(loop: loop, backend: backend)
+        let io = try backend.make(loop)
         io.inlineReadLimit = 0
         let log = CompletionLog()
         let whole = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
@@ -108,13 +108,13 @@ func isQueued(_ outcome: FileIOOutcome) -> Bool {
         try loop.close()
     }
 
-    @Test(arguments: FileIOBackend.allCases) func uncachedReadGoesToThePool(backend: FileIOBackend) throws {
+    @Test(arguments: TestBackend.allCases) func uncachedReadGoesToThePool(backend: TestBackend) throws {
         let loop = try EventLoop()
         let size = 1 << 20
         let file = TempFile(size: size)
         defer { close(file.fd) }
         file.dropFromPageCache()
-        let io = try FileIO(loop: loop, backend: backend)
+        let io = try backend.make(loop)
         let log = CompletionLog()
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: size, alignment: 4096)
         defer { buffer.deallocate() }
@@ -134,12 +134,12 @@ func isQueued(_ outcome: FileIOOutcome) -> Bool {
         try loop.close()
     }
 
-    @Test(arguments: FileIOBackend.allCases) func writesFlushPunchAndRun(backend: FileIOBackend) throws {
+    @Test(arguments: TestBackend.allCases) func writesFlushPunchAndRun(backend: TestBackend) throws {
         let loop = try EventLoop()
         let size = 1 << 20
         let file = TempFile(size: size)
         defer { close(file.fd) }
-        let io = try FileIO(loop: loop, backend: backend)
+        let io = try backend.make(loop)
         let log = CompletionLog()
         let data = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 4096)
         defer { data.deallocate() }
@@ -189,11 +189,11 @@ func isQueued(_ outcome: FileIOOutcome) -> Bool {
         try loop.close()
     }
 
-    @Test(arguments: FileIOBackend.allCases) func orderedLaneAppliesChangesInSubmissionOrder(backend: FileIOBackend) throws {
+    @Test(arguments: TestBackend.allCases) func orderedLaneAppliesChangesInSubmissionOrder(backend: TestBackend) throws {
         let loop = try EventLoop()
         let file = TempFile(size: 1 << 20)
         defer { close(file.fd) }
-        let io = try FileIO(loop: loop, backend: backend)
+        let io = try backend.make(loop)
         let log = CompletionLog()
         let count = 40
         let buffers = (0..<count).map { i -> UnsafeMutableRawBufferPointer in
@@ -245,11 +245,11 @@ func isQueued(_ outcome: FileIOOutcome) -> Bool {
         try loop.close()
     }
 
-    @Test(arguments: FileIOBackend.allCases) func bigLaneWritesArePipelinedInOrder(backend: FileIOBackend) throws {
+    @Test(arguments: TestBackend.allCases) func bigLaneWritesArePipelinedInOrder(backend: TestBackend) throws {
         let loop = try EventLoop()
         let file = TempFile(size: 4 << 20)
         defer { close(file.fd) }
-        let io = try FileIO(loop: loop, backend: backend)
+        let io = try backend.make(loop)
         let log = CompletionLog()
         // Each big write is a full lane batch on its own, so several are on the pool at once and the
         // turnstile must run them in order; small ones and ordered jobs are mixed in. Completions
@@ -296,9 +296,9 @@ func isQueued(_ outcome: FileIOOutcome) -> Bool {
         try loop.close()
     }
 
-    @Test(arguments: FileIOBackend.allCases) func errorsComeBackAsNegativeErrno(backend: FileIOBackend) throws {
+    @Test(arguments: TestBackend.allCases) func errorsComeBackAsNegativeErrno(backend: TestBackend) throws {
         let loop = try EventLoop()
-        let io = try FileIO(loop: loop, backend: backend)
+        let io = try backend.make(loop)
         let log = CompletionLog()
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
         defer { buffer.deallocate() }
@@ -313,7 +313,7 @@ func isQueued(_ outcome: FileIOOutcome) -> Bool {
         try loop.close()
     }
 
-    @Test(arguments: FileIOBackend.allCases) func completionMayQueueAgainAndFileIOMayBeDroppedWhileBusy(backend: FileIOBackend) throws {
+    @Test(arguments: TestBackend.allCases) func completionMayQueueAgainAndFileIOMayBeDroppedWhileBusy(backend: TestBackend) throws {
         let loop = try EventLoop()
         final class Counter { var steps = 0 }
         final class Chain: FileIOCompletion {
@@ -326,7 +326,7 @@ func isQueued(_ outcome: FileIOOutcome) -> Bool {
             }
         }
         let counter = Counter()
-        var chain: Chain? = Chain(io: try FileIO(loop: loop, backend: backend), counter: counter)
+        var chain: Chain? = Chain(io: try backend.make(loop), counter: counter)
         chain!.io.run(context: 1, completion: chain!) { 0 }
         weak let weakChain = chain
         weak let weakIO = chain!.io
