@@ -12,8 +12,10 @@ let package = Package(
     targets: [
         // The only module that sees <uv.h>.
         .systemLibrary(name: "CLibUV", pkgConfig: "libuv", providers: [.apt(["libuv1-dev"])]),
+        // liburing (Debian's liburing-dev), seen only by UVCore's FileRing (io_uring file I/O).
+        .systemLibrary(name: "CLibURing", pkgConfig: "liburing", providers: [.apt(["liburing-dev"])]),
         // Swift face of libuv: loop, listeners, streams, off-loop file I/O, timers, signals, mailbox.
-        .target(name: "UVCore", dependencies: ["CLibUV", "SystemCalls"]),
+        .target(name: "UVCore", dependencies: ["CLibUV", "CLibURing", "SystemCalls"]),
         // Pure NBD wire format and the handshake/transmission state machines. No I/O.
         .target(name: "NBDProtocol"),
         // The seam between the protocol and the image formats. No I/O.

@@ -3,6 +3,7 @@
 
 import NBDProtocol
 import TLS
+import UVCore
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -11,7 +12,7 @@ extension ConfigFile {
     /// Keys of [generic].
     static let genericKeys = [
         "port", "listenaddr", "unixsock", "duallisten", "user", "group", "allowlist", "includedir",
-        "maxconnections", "max_threads", "threads", "handshake-timeout", "send-timeout",
+        "maxconnections", "max_threads", "threads", "handshake-timeout", "send-timeout", "aio",
         "tls", "tls-certificates", "tls-psk", "tls-verify-peer", "tls-authz-file", "tls-priority",
     ]
     /// Keys of an export section. `listenaddr` is accepted and ignored there, as nbd-server does.
@@ -71,6 +72,11 @@ extension ConfigFile {
                 case "includedir": includeDir = (try path(entry), entry)
                 case "maxconnections": configuration.maximumConnections = try integer(entry, 1...1_000_000)
                 case "max_threads", "threads": configuration.threadPoolSize = try integer(entry, 1...1024)
+                case "aio":
+                    switch FileIOBackend.parse(aio: entry.value) {
+                    case .success(let backend): configuration.aio = backend
+                    case .failure(let error): throw ConfigError(file: entry.file, line: entry.line, error.description)
+                    }
                 case "handshake-timeout":
                     configuration.connectionLimits.handshakeTimeoutMilliseconds = UInt64(try integer(entry, 1...86_400)) * 1000
                 case "send-timeout":

@@ -67,7 +67,12 @@ public final class Server {
         } catch {
             throw ServerError("cannot create the event loop: \(error)")
         }
-        io = FileIO(loop: loop)
+        let aioNote: String?
+        do {
+            (io, aioNote) = try FileIO.preferred(loop: loop, backend: configuration.aio)
+        } catch {
+            throw ServerError("--aio io_uring: \(error)")
+        }
         // The pool keeps freed buffers for reuse; a quarter of the budget is enough to avoid churn.
         pool = BufferPool(maximumCachedBytes: configuration.memoryBudgetBytes / 4)
         budget = MemoryBudget(limit: configuration.memoryBudgetBytes)
@@ -103,10 +108,12 @@ public final class Server {
             signals.removeAll()
             if pidFileDescriptor >= 0 { Glibc.close(pidFileDescriptor) }
             if let pidFile = configuration.pidFile { unlink(pidFile) }
+            io.close()
             loop.runNoWait()
             throw error
         }
         // Said once serving, so a refused image stays the one line a failed start prints.
+        if let aioNote { log.info(aioNote) }
         for listener in listeners { log.info("listening on \(listener.localDescription)") }
         if let problem = notify.send("READY=1\nSTATUS=serving \(exports.exports.count) export(s)\nMAINPID=\(getpid())") {
             log.warning(problem)
@@ -125,6 +132,7 @@ public final class Server {
     /// Runs the loop until shutdown completes; returns the process exit status.
     public func run() -> Int32 {
         loop.run()
+        io.close()
         do {
             try loop.close()
         } catch {

@@ -3,6 +3,7 @@
 
 import NBDProtocol
 import TLS
+import UVCore
 
 public struct ServerConfiguration: Sendable {
     public enum ImageFormat: String, Sendable, CaseIterable {
@@ -30,6 +31,8 @@ public struct ServerConfiguration: Sendable {
     public var pidFile: String?
     public var logLevel: Logger.Level = .info
     public var threadPoolSize = 16
+    /// Where file I/O goes (qemu-nbd's --aio); nil: io_uring when the kernel allows it, else threads.
+    public var aio: FileIOBackend?
     public var connectionLimits = ConnectionLimits()
     /// Request and reply bytes all connections together may hold before they stop reading.
     public var memoryBudgetBytes = 256 << 20
@@ -66,6 +69,7 @@ public struct ServerConfiguration: Sendable {
         if listen != other.listen { changed.append("listen addresses") }
         if user != other.user || group != other.group { changed.append("user/group") }
         if threadPoolSize != other.threadPoolSize { changed.append("threads") }
+        if aio != other.aio { changed.append("aio") }
         if memoryBudgetBytes != other.memoryBudgetBytes { changed.append("memory budget") }
         if effectiveTLSMode != other.effectiveTLSMode || tls != other.tls || tlsAuthzFile != other.tlsAuthzFile { changed.append("TLS settings") }
         return changed

@@ -48,6 +48,7 @@
 // loop thread does not touch the request between uv_queue_work and the
 // after-work callback, and libuv's queue lock orders the two sides.
 
+import CLibURing
 import CLibUV
 import SystemCalls
 #if canImport(Glibc)
@@ -65,8 +66,30 @@ public protocol FileIOCompletion: AnyObject {
 public enum FileIOOutcome {
     /// Finished on the loop thread: bytes (the full length) or -errno. No completion call follows.
     case done(Int)
-    /// Handed to the thread pool; the completion will be called.
+    /// Handed to the thread pool or the ring; the completion will be called.
     case queued
+}
+
+/// Where a FileIO sends the work it cannot finish inline (qemu-nbd's `--aio` names).
+public enum FileIOBackend: String, Sendable, CaseIterable {
+    /// libuv's thread pool.
+    case threads
+    /// An io_uring per FileIO, driven by the loop (FileRing); the pool only for what the kernel's
+    /// ring cannot do and for `run` jobs.
+    case ioUring = "io_uring"
+
+    /// The backend an `--aio` / `aio =` value names, or why it names none.
+    public static func parse(aio text: String) -> Result<FileIOBackend, FileIOBackendNameError> {
+        if let backend = FileIOBackend(rawValue: text) { return .success(backend) }
+        if text == "native" {
+            return .failure(FileIOBackendNameError(description: "aio mode \"native\" (Linux AIO) is not supported: use io_uring or threads"))
+        }
+        return .failure(FileIOBackendNameError(description: "aio mode \"\(text)\" is unknown: use io_uring or threads"))
+    }
+}
+
+public struct FileIOBackendNameError: Error, CustomStringConvertible, Sendable {
+    public let description: String
 }
 
 /// FALLOC_FL_* bits for `FileIO.fallocate(mode:)` (defined with the syscalls; named here so users of
@@ -98,6 +121,18 @@ struct FileWorkRequest {
     var context: UInt64 = 0
     var completion: (any FileIOCompletion)?
     var job: (@Sendable () -> Int)?
+    /// Ring backend: the range an ordered request changes (everything for an ordered job: a
+    /// barrier), and whether it holds its place in the ordering gate.
+    var changesStart: UInt64 = 0
+    var changesEnd: UInt64 = 0
+    var isBarrier = false
+    var holdsGate = false
+    /// Ring backend, a member of a write chain (see `flushWriteChains`); members are linked through
+    /// `next`, and the last one knows the first.
+    var chained = false
+    var chainFirst: UnsafeMutablePointer<FileWorkRequest>?
+    /// A member that posted a completion (it failed or was short) before its chain ended: its result.
+    var chainReported = false
 }
 
 private let onWork: uv_work_cb = { work in
@@ -145,6 +180,13 @@ final class LaneTurnstile: @unchecked Sendable {
         pthread_cond_broadcast(condition)
         pthread_mutex_unlock(mutex)
     }
+}
+
+private let onRingReadable: uv_poll_cb = { handle, _, _ in
+    guard let owner = handle!.pointee.data else { return }
+    let io = Unmanaged<FileIO>.fromOpaque(owner)
+    // The release must happen outside the borrow: it may be the FileIO's last reference.
+    if io._withUnsafeGuaranteedRef({ $0.reapRing() }) { io.release() }
 }
 
 private let onAfterWork: uv_after_work_cb = { work, status in
@@ -206,6 +248,27 @@ public final class FileIO {
     private let turnstile = LaneTurnstile()
     @exclusivity(unchecked) private var turnEndScheduled = false
 
+    /// The io_uring backend's ring; nil on the thread pool backend (or after close()).
+    @exclusivity(unchecked) private var ring: FileRing?
+    /// Ring backend: whether ordered requests use the ring (see init) or the lane.
+    @exclusivity(unchecked) private var ringWrites = false
+    /// Ring backend: operations handed to the ring (retries included), for tests.
+    @exclusivity(unchecked) private(set) var ringSubmissions = 0
+    /// Ring backend: requests waiting for room in the ring, oldest first (chained through `next`).
+    @exclusivity(unchecked) private var ringWaiting: (head: UnsafeMutablePointer<FileWorkRequest>?,
+                                                      tail: UnsafeMutablePointer<FileWorkRequest>?) = (nil, nil)
+    /// Ring backend: what the ordered requests running now change, and the ones waiting to run,
+    /// oldest first (see RingOrderingGate).
+    @exclusivity(unchecked) private var gate = RingOrderingGate()
+    /// Ring backend: plain writes of this turn, to go to the kernel as chains at the turn's end.
+    @exclusivity(unchecked) private var pendingWrites: (head: UnsafeMutablePointer<FileWorkRequest>?,
+                                                        tail: UnsafeMutablePointer<FileWorkRequest>?) = (nil, nil)
+    @exclusivity(unchecked) private var pendingWriteCount = 0
+    /// Writes handed to the ring and writes waiting for this turn's chains, for tests.
+    var ringWritesAccepted: Int { ringSubmissions + pendingWriteCount }
+    @exclusivity(unchecked) private var orderingWaiting: (head: UnsafeMutablePointer<FileWorkRequest>?,
+                                                          tail: UnsafeMutablePointer<FileWorkRequest>?) = (nil, nil)
+
     /// A lane batch stops growing at this many bytes; this much waiting is queued without waiting for
     /// the running batch.
     static let laneBatchBytes = 256 << 10
@@ -225,14 +288,60 @@ public final class FileIO {
     /// False once the kernel said EOPNOTSUPP to a NOWAIT write (buffered ext4 does).
     public var triesInlineWrites: Bool { inlineWritesSupported }
 
-    /// The loop must outlive this FileIO and all of its queued work.
+    /// Which backend this FileIO uses.
+    public var backend: FileIOBackend { ring == nil ? .threads : .ioUring }
+
+    /// A FileIO on libuv's thread pool. The loop must outlive this FileIO and all of its queued work.
     public init(loop: EventLoop) {
         self.loop = loop
         freeRequests.reserveCapacity(64)
     }
 
+    /// A FileIO on `backend`; `.ioUring` throws when the ring cannot be made. Call `close()` before
+    /// closing the loop (the ring's poll handle is open until then).
+    ///
+    /// `ringWrites`: whether writes, fallocate and ordered jobs go through the ring too (ordered by
+    /// RingOrderingGate, writes as chains) rather than the ordered lane on the pool. Off by default:
+    /// on ext4, which has no non-blocking buffered writes, the kernel hands every ring write to an
+    /// io-wq worker, and measured per write that costs more context switches, CPU and user-space
+    /// instructions than the lane's one hand-off per batch (docs/ARCHITECTURE.md, "I/O backends").
+    /// It is the path to use on a filesystem that completes buffered writes inline (XFS, btrfs).
+    public convenience init(loop: EventLoop, backend: FileIOBackend, ringEntries: UInt32 = 128,
+                            ringWrites: Bool = false) throws(FileRingUnavailable) {
+        self.init(loop: loop)
+        guard backend == .ioUring else { return }
+        self.ringWrites = ringWrites
+        ring = try FileRing(loop: loop, entries: ringEntries, owner: Unmanaged.passUnretained(self).toOpaque(),
+                            onReadable: onRingReadable)
+    }
+
+    /// The FileIO a server wants: `backend` if given (io_uring may throw), otherwise io_uring when
+    /// the kernel lets this process make a ring, else the thread pool, with the reason in `note`.
+    public static func preferred(loop: EventLoop, backend: FileIOBackend?, ringEntries: UInt32 = 128)
+        throws(FileRingUnavailable) -> (io: FileIO, note: String?) {
+        if let backend { return (try FileIO(loop: loop, backend: backend, ringEntries: ringEntries), nil) }
+        do {
+            return (try FileIO(loop: loop, backend: .ioUring, ringEntries: ringEntries), nil)
+        } catch {
+            return (FileIO(loop: loop), "file I/O on the thread pool: io_uring is not available (\(error))")
+        }
+    }
+
+    /// Releases the ring (a thread-pool FileIO has nothing to release) and runs the loop once without
+    /// blocking so libuv finishes closing its poll handle; call it once the loop has stopped, before
+    /// closing the loop. Nothing may be in flight. Later calls fall back to the thread pool.
+    public func close() {
+        guard let ring else { return }
+        precondition(inFlight == 0, "FileIO closed with \(inFlight) operations in flight")
+        ring.close()
+        self.ring = nil
+        loop.runNoWait()
+    }
+
     deinit {
         // inFlight == 0 here: in-flight work keeps self alive.
+        ring?.close()
+        gate.deallocate()
         for request in freeRequests {
             request.pointee.uv.deallocate()
             request.deinitialize(count: 1)
@@ -277,8 +386,9 @@ public final class FileIO {
         guard length > 0 else { return .done(0) }
         let base = UnsafeMutableRawPointer(mutating: buffer.baseAddress!)
         var done = 0
-        // Not while the lane is busy: an inline write would overtake the writes queued there.
-        if !dsync && inlineWritesSupported && length <= inlineWriteLimit && lane.head == nil && laneBatches == 0 {
+        // Not while the lane is busy: an inline write would overtake the writes queued there. Not on
+        // the ring either: the kernel makes the same non-blocking attempt during the turn's submit.
+        if !(ring != nil && ringWrites) && !dsync && inlineWritesSupported && length <= inlineWriteLimit && lane.head == nil && laneBatches == 0 {
             let n = SystemCall.writeWithoutBlocking(fd, from: base, count: length, at: offset)
             if n == length {
                 counters.inlineWrites += 1
@@ -336,6 +446,23 @@ public final class FileIO {
         request.pointee.next = nil
         if inFlight == 0 { _ = Unmanaged.passRetained(self) }
         inFlight += 1
+        if ring != nil && (!ordered || ringWrites) {
+            // Order on the ring (see RingOrderingGate): an ordered request that overlaps a running
+            // one waits, and everything ordered after it waits behind it.
+            if ordered {
+                request.pointee.changesStart = offset
+                request.pointee.changesEnd = offset + UInt64(length)
+                request.pointee.isBarrier = operation == .run
+                if orderingWaiting.head == nil && admits(request) {
+                    startOrdered(request)
+                } else {
+                    append(request, to: &orderingWaiting)
+                }
+            } else {
+                dispatch(request)
+            }
+            return
+        }
         if ordered {
             if let tail = lane.tail { tail.pointee.next = request } else { lane.head = request }
             lane.tail = request
@@ -345,6 +472,235 @@ public final class FileIO {
             queue(request)
         }
     }
+
+    // MARK: - Ring backend
+
+    private func append(_ request: UnsafeMutablePointer<FileWorkRequest>,
+                        to list: inout (head: UnsafeMutablePointer<FileWorkRequest>?, tail: UnsafeMutablePointer<FileWorkRequest>?)) {
+        if let tail = list.tail { tail.pointee.next = request } else { list.head = request }
+        list.tail = request
+    }
+
+    private func popFirst(_ list: inout (head: UnsafeMutablePointer<FileWorkRequest>?,
+                                         tail: UnsafeMutablePointer<FileWorkRequest>?)) -> UnsafeMutablePointer<FileWorkRequest>? {
+        guard let head = list.head else { return nil }
+        list.head = head.pointee.next
+        if list.head == nil { list.tail = nil }
+        head.pointee.next = nil
+        return head
+    }
+
+    private func admits(_ request: UnsafeMutablePointer<FileWorkRequest>) -> Bool {
+        gate.admits(start: request.pointee.changesStart, end: request.pointee.changesEnd, barrier: request.pointee.isBarrier)
+    }
+
+    private func startOrdered(_ request: UnsafeMutablePointer<FileWorkRequest>) {
+        request.pointee.holdsGate = true
+        gate.enter(start: request.pointee.changesStart, end: request.pointee.changesEnd, barrier: request.pointee.isBarrier)
+        dispatch(request)
+    }
+
+    /// Takes a finished ordered request out of the gate and starts the waiting ones it was holding up.
+    private func leaveOrdering(_ request: UnsafeMutablePointer<FileWorkRequest>) {
+        request.pointee.holdsGate = false
+        gate.leave(start: request.pointee.changesStart, end: request.pointee.changesEnd, barrier: request.pointee.isBarrier)
+        while let head = orderingWaiting.head, admits(head) {
+            startOrdered(popFirst(&orderingWaiting)!)
+        }
+    }
+
+    /// To the ring if the kernel can do it there, otherwise to the pool (one request, no lane).
+    private func dispatch(_ request: UnsafeMutablePointer<FileWorkRequest>) {
+        let ring = ring!
+        switch request.pointee.operation {
+        case .read, .write, .writeDSync: break
+        case .fdatasync where ring.supportsFsync: break
+        case .fallocate where ring.supportsFallocate: break
+        default:
+            queue(request)
+            return
+        }
+        start(request, on: ring)
+    }
+
+    /// Into the ring (plain writes: into this turn's chains), or to wait for room.
+    private func start(_ request: UnsafeMutablePointer<FileWorkRequest>, on ring: FileRing) {
+        if ring.inFlight + pendingWriteCount >= ring.capacity {
+            append(request, to: &ringWaiting)
+        } else if ring.canChain && request.pointee.operation == .write {
+            append(request, to: &pendingWrites)
+            pendingWriteCount += 1
+            scheduleTurnEnd()
+        } else {
+            prepare(request, on: ring)
+        }
+    }
+
+    private func scheduleTurnEnd() {
+        if !turnEndScheduled {
+            turnEndScheduled = true
+            loop.runAtTurnEnd(self)
+        }
+    }
+
+    /// Write chains. On a filesystem without non-blocking buffered writes (ext4), the kernel hands
+    /// every ring write to an io-wq worker, and each completion would wake the loop: more wake-ups
+    /// than the thread pool's lane, which does a turn's writes in one job. So a turn's writes go as
+    /// chains of up to `longestChain` hard-linked entries (run one after another, like the lane's
+    /// batch, failures not breaking the chain) in which only the last posts a completion when all
+    /// goes well: one wake-up per chain. A member that fails or comes up short posts its own
+    /// completion; it is kept until the chain's end (its record must stay in the chain), then
+    /// retried or finished. Members never overlap (the ordering gate let all of them run at once).
+    private func flushWriteChains(_ ring: FileRing) {
+        while pendingWriteCount > 0 {
+            let count = min(pendingWriteCount, ring.longestChain)
+            ring.makeRoom(for: count)
+            var first: UnsafeMutablePointer<FileWorkRequest>?
+            var previous: UnsafeMutablePointer<FileWorkRequest>?
+            for index in 0..<count {
+                let request = popFirst(&pendingWrites)!
+                pendingWriteCount -= 1
+                let sqe = prepare(request, on: ring)
+                guard count > 1 else { break }
+                request.pointee.chained = true
+                if let previous { previous.pointee.next = request } else { first = request }
+                previous = request
+                if index < count - 1 { qnbd_uring_link_silently(sqe) } else { request.pointee.chainFirst = first }
+            }
+        }
+    }
+
+    /// The last member's completion: every member that posted nothing succeeded in full.
+    private func finishChain(from first: UnsafeMutablePointer<FileWorkRequest>, last: UnsafeMutablePointer<FileWorkRequest>,
+                             lastResult: Int, ring: FileRing) {
+        last.pointee.chainFirst = nil
+        var silent = 0
+        var member: UnsafeMutablePointer<FileWorkRequest>? = first
+        while let m = member, m != last {
+            if !m.pointee.chainReported { silent += 1 }
+            member = m.pointee.next
+        }
+        ring.completedSilently(silent)
+        member = first
+        while let m = member {
+            member = m.pointee.next
+            m.pointee.next = nil
+            m.pointee.chained = false
+            if m == last {
+                ringCompleted(m, result: lastResult, ring: ring)
+            } else if m.pointee.chainReported {
+                m.pointee.chainReported = false
+                ringCompleted(m, result: m.pointee.result, ring: ring)
+            } else {
+                ringCompleted(m, result: m.pointee.length, ring: ring)
+            }
+        }
+    }
+
+    /// Writes the request's submission entry; the turn's end submits it with the rest.
+    @discardableResult
+    private func prepare(_ request: UnsafeMutablePointer<FileWorkRequest>, on ring: FileRing) -> UnsafeMutablePointer<io_uring_sqe> {
+        let sqe = ring.nextEntry()
+        ringSubmissions &+= 1
+        let token = UInt64(UInt(bitPattern: request))
+        let r = request.pointee
+        // One operation moves at most 1 GiB (io_uring's length is 32-bit); the rest is a short transfer.
+        let chunk = UInt32(min(r.length, 1 << 30))
+        switch r.operation {
+        case .read:
+            qnbd_uring_prep_read(sqe, r.fd, r.buffer, chunk, r.offset, token)
+        case .write, .writeDSync:
+            qnbd_uring_prep_write(sqe, r.fd, r.buffer, chunk, r.offset, r.operation == .writeDSync ? 1 : 0, token)
+        case .fdatasync:
+            qnbd_uring_prep_fdatasync(sqe, r.fd, token)
+        case .fallocate:
+            qnbd_uring_prep_fallocate(sqe, r.fd, r.mode, r.offset, UInt64(r.length), token)
+        case .run:
+            preconditionFailure("a job cannot run on the ring")
+        }
+        scheduleTurnEnd()
+        return sqe
+    }
+
+    /// Delivers every completion the ring holds, then fills the ring from the waiting requests.
+    /// Returns true when the last in-flight request finished: the caller drops the self-reference.
+    fileprivate func reapRing() -> Bool {
+        guard let ring else { return false }
+        let held = inFlight > 0
+        ring.reap { token, result in
+            ringCompleted(UnsafeMutablePointer(bitPattern: UInt(token))!, result: Int(result), ring: ring)
+        }
+        while ring.inFlight + pendingWriteCount < ring.capacity, let request = popFirst(&ringWaiting) {
+            start(request, on: ring)
+        }
+        ring.updateReference()
+        return held && inFlight == 0
+    }
+
+    /// One completion: a retry (EINTR, EAGAIN, a short transfer: the rest goes again, as
+    /// SystemCall's loops do) or the request's result.
+    private func ringCompleted(_ request: UnsafeMutablePointer<FileWorkRequest>, result: Int, ring: FileRing) {
+        if request.pointee.chained {
+            if let first = request.pointee.chainFirst {
+                finishChain(from: first, last: request, lastResult: result, ring: ring)
+            } else {
+                request.pointee.result = result
+                request.pointee.chainReported = true
+            }
+            return
+        }
+        let operation = request.pointee.operation
+        if result == -Int(EINTR) || result == -Int(EAGAIN) {
+            prepare(request, on: ring)
+            return
+        }
+        var final = result
+        switch operation {
+        case .read, .write, .writeDSync:
+            let length = request.pointee.length
+            if result > 0 && result < length {
+                request.pointee.buffer! += result
+                request.pointee.offset += UInt64(result)
+                request.pointee.length -= result
+                request.pointee.alreadyDone += result
+                prepare(request, on: ring)
+                return
+            }
+            if operation == .writeDSync && (result == -Int(EOPNOTSUPP) || result == -Int(EINVAL)) {
+                // No RWF_DSYNC here: the pool does it as a write and an fdatasync.
+                queue(request)
+                return
+            }
+            if result == 0 {
+                if operation == .read {
+                    // End of file: the rest reads as zeros.
+                    request.pointee.buffer!.initializeMemory(as: UInt8.self, repeating: 0, count: length)
+                    final = length
+                } else {
+                    final = -Int(EIO)   // no progress and no error: do not spin
+                }
+            }
+            if final > 0 { final += request.pointee.alreadyDone }
+        default:
+            break
+        }
+        if request.pointee.holdsGate { leaveOrdering(request) }
+        let context = request.pointee.context
+        let completion = request.pointee.completion!
+        recycle(request)
+        completion.fileIOCompleted(context: context, result: final)
+        inFlight -= 1
+    }
+
+    private func recycle(_ request: UnsafeMutablePointer<FileWorkRequest>) {
+        request.pointee.completion = nil
+        request.pointee.job = nil
+        request.pointee.buffer = nil
+        request.pointee.next = nil
+        freeRequests.append(request)
+    }
+
+    // MARK: - Thread pool
 
     private func queue(_ head: UnsafeMutablePointer<FileWorkRequest>) {
         // uv_queue_work fails only for a nil work callback.
@@ -388,11 +744,8 @@ public final class FileIO {
             let completion = request.pointee.completion!
             var result = status < 0 ? Int(status) : request.pointee.result
             if result >= 0 { result += request.pointee.alreadyDone }
-            request.pointee.completion = nil
-            request.pointee.job = nil
-            request.pointee.buffer = nil
-            request.pointee.next = nil
-            freeRequests.append(request)
+            if request.pointee.holdsGate { leaveOrdering(request) }
+            recycle(request)
             completion.fileIOCompleted(context: context, result: result)
             inFlight -= 1
         }
@@ -402,6 +755,7 @@ public final class FileIO {
 
 extension FileIO: TurnEndTask {
     public func runAtTurnEnd() {
+        if let ring { flushWriteChains(ring) }
         turnEndScheduled = false
         while laneBatchDue {
             // Up to laneBatchBytes from the front of the lane (at least one request).
@@ -420,6 +774,12 @@ extension FileIO: TurnEndTask {
             nextTicket += 1
             laneBatches += 1
             queue(head)
+        }
+        if let ring {
+            // The turn's entries go to the kernel in one call; what finished during it is delivered
+            // now rather than after a wake-up. (The loop's task list holds self during this call.)
+            ring.submit()
+            if reapRing() { Unmanaged.passUnretained(self).release() }
         }
     }
 }

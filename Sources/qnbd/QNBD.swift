@@ -5,6 +5,7 @@ import ArgumentParser
 import NBDProtocol
 import NBDServer
 import TLS
+import UVCore
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -98,6 +99,10 @@ struct Serve: ParsableCommand {
     var threads: Int?
 
     @Option(name: .long, help: ArgumentHelp(
+        "File I/O backend: io_uring or threads (default: io_uring when the kernel allows it).", valueName: "MODE"))
+    var aio: String?
+
+    @Option(name: .long, help: ArgumentHelp(
         "qcow2 metadata cache in bytes (suffixes K, M, G); default: enough for the whole disk, at most 64M.",
         valueName: "SIZE"))
     var cacheSize: String?
@@ -158,6 +163,7 @@ struct Serve: ParsableCommand {
         if let port, !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
         if let maxConnections, maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
         if let threads, !(1...1024).contains(threads) { throw ValidationError("--threads must be between 1 and 1024") }
+        if let aio, case .failure(let error) = FileIOBackend.parse(aio: aio) { throw ValidationError("--\(error.description)") }
         if let handshakeTimeout, handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1 second") }
         if let sendTimeout, !(0...86_400).contains(sendTimeout) { throw ValidationError("--send-timeout must be between 0 and 86400 seconds") }
         if let cacheSize, ServerConfiguration.parseSize(cacheSize) == nil {
@@ -190,11 +196,13 @@ struct Serve: ParsableCommand {
             = (tlsCertificates, tlsPsk, tlsVerifyPeer, tlsAuthz, tlsAuthzFile, tlsPriority)
         let changesTLS = tlsCertificates != nil || tlsPsk != nil || tlsVerifyPeer || !tlsAuthz.isEmpty || tlsPriority != nil
         let (maxConnections, threads, handshakeTimeout, sendTimeout, pidFile) = (maxConnections, threads, handshakeTimeout, sendTimeout, pidFile)
+        let aioBackend = aio.flatMap { try? FileIOBackend.parse(aio: $0).get() }
         let level: Logger.Level? = logLevel.flatMap(Logger.Level.init(name:)) ?? (verbose > 0 ? [.debug, .trace][min(verbose, 2) - 1] : nil)
         return { configuration in
             if let listenOverride { configuration.listen = listenOverride }
             if let maxConnections { configuration.maximumConnections = maxConnections }
             if let threads { configuration.threadPoolSize = threads }
+            if let aioBackend { configuration.aio = aioBackend }
             if let handshakeTimeout { configuration.connectionLimits.handshakeTimeoutMilliseconds = UInt64(handshakeTimeout) * 1000 }
             if let sendTimeout { configuration.connectionLimits.sendTimeoutMilliseconds = UInt64(sendTimeout) * 1000 }
             if let pidFile { configuration.pidFile = pidFile }

@@ -86,7 +86,7 @@ class Server:
             a += ["-D", self.description]
         if self.read_only:
             a += ["-r"]
-        return a + self.extra
+        return a + aio_args() + self.extra
 
     def start(self, wait=True, timeout=20):
         with contextlib.suppress(FileNotFoundError):
@@ -223,7 +223,13 @@ class ConfigServer(Server):
             a += ["--bind", self.bind, "--port", str(self.requested_port)]
         elif self.socket_path:
             a += ["--socket", self.socket_path]
-        return a + self.extra
+        return a + aio_args() + self.extra
+
+
+def aio_args():
+    """QNBD_AIO=threads|io_uring forces `--aio` on every server (scripts/test's threads pass)."""
+    mode = os.environ.get("QNBD_AIO")
+    return ["--aio", mode] if mode else []
 
 
 def write_config(path, text):
