@@ -17,6 +17,7 @@
 import contextlib
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -151,7 +152,10 @@ class DirtyBitmapCase(T.QnbdTestCase):
         extra = []
         for b in bitmaps:
             extra += ["--bitmap", b]
-        srv = T.Server(self.dir, image, read_only=read_only, extra=extra)
+        # A socket and pid file per server: a failed subtest leaves its server running until cleanup.
+        self.servers = getattr(self, "servers", 0) + 1
+        srv = T.Server(self.dir, image, read_only=read_only, extra=extra,
+                       socket_path=self.path("q%d.sock" % self.servers), pid_file=self.path("q%d.pid" % self.servers))
         try:
             srv.start()
         except T.ServerStartError as e:
@@ -323,6 +327,45 @@ class Listing(DirtyBitmapCase):
         self.stop(srv)
 
 
+class Reload(DirtyBitmapCase):
+    def wait_log(self, srv, text, timeout=15):
+        deadline = time.monotonic() + timeout
+        while text not in srv.log():
+            if time.monotonic() > deadline:
+                raise AssertionError("server never logged %r\n%s" % (text, T.tail(srv.log())))
+            time.sleep(0.02)
+
+    def test_a_changed_bitmap_list_reopens_the_export(self):
+        image = self.make("r.qcow2", 64 * KiB, [("daily", 65536), ("weekly", 1 * MiB)])
+        self.qemu_write(image, WRITES[:2])
+        conf = self.path("q.conf")
+        section = "[generic]\nallowlist = true\n[disk]\nexportname = %s\nreadonly = true\nbitmap = %s\n"
+        T.write_config(conf, section % (image, "daily"))
+        srv = T.ConfigServer(self.dir, conf)
+        try:
+            srv.start()
+        except T.ServerStartError as e:
+            if "serves no persistent bitmaps" in str(e):
+                raise unittest.SkipTest(NEEDS_ENGINE)
+            raise
+        self.addCleanup(self._stop_server, srv, True)
+        uri = srv.uri("disk")
+        self.assertEqual(libnbd_list(uri, ["qemu:dirty-bitmap:"]), ["qemu:dirty-bitmap:daily"])
+        T.write_config(conf, section % (image, "daily,weekly"))
+        srv.proc.send_signal(signal.SIGHUP)
+        self.wait_log(srv, "reload done")
+        self.assertIn('export "disk" changed; reopening it', srv.log())
+        deadline = time.monotonic() + 15
+        while libnbd_list(uri, ["qemu:dirty-bitmap:"]) != ["qemu:dirty-bitmap:daily", "qemu:dirty-bitmap:weekly"]:
+            self.assertLess(time.monotonic(), deadline, "the reopened export never offered both bitmaps")
+            time.sleep(0.1)
+        # A name the image lacks: the reload reports it and the export stays away, not half-served.
+        T.write_config(conf, section % (image, "monthly"))
+        srv.proc.send_signal(signal.SIGHUP)
+        self.wait_log(srv, "Bitmap 'monthly' is not found")
+        self.stop(srv)
+
+
 class Backup(DirtyBitmapCase):
     """Issue 10, item 4: an incremental backup through qnbd alone, checked with qemu-img compare."""
 
@@ -342,13 +385,14 @@ class Backup(DirtyBitmapCase):
         T.run(["nbdcopy", srv.uri(), full], timeout=120)
         self.stop(srv)
         # The guest writes through NBD, qnbd read-write.
-        srv = self.start_server(image)
+        srv = self.qnbd(image, [], read_only=False)
         h = self.connect(srv)
         writes = [(1 * MiB + 3, 5000), (9 * MiB, 64 * KiB), (31 * MiB, 1 * MiB)]
         for off, length in writes:
             h.pwrite(bytes([0xc3]) * length, off)
-        h.zero(2 * MiB, 12 * MiB)
-        h.trim(64 * KiB, 20 * MiB + 4096)
+        zeroed, trimmed = (2 * MiB, 12 * MiB), (20 * MiB + 4096, 3 * MiB)
+        h.zero(zeroed[1], zeroed[0])      # libnbd: count, then offset
+        h.trim(trimmed[1], trimmed[0])
         h.flush()
         T.nbd_close(h)
         self.stop(srv)
@@ -358,7 +402,7 @@ class Backup(DirtyBitmapCase):
         dirty = nbdinfo_map(srv.uri(), "qemu:dirty-bitmap:backup")
         with self.qemu_nbd(image, ["backup"]) as uri:
             self.assertEqual(nbdinfo_map(uri, "qemu:dirty-bitmap:backup"), dirty)
-        for off, length in writes + [(2 * MiB, 12 * MiB), (64 * KiB, 20 * MiB + 4096)]:
+        for off, length in writes + [zeroed, trimmed]:
             for start, n, is_dirty in dirty:
                 if start <= off < start + n:
                     self.assertTrue(is_dirty and off + length <= start + n, (off, length, dirty))
