@@ -562,7 +562,9 @@ final class Connection {
         send(slot: i, UnsafeRawBufferPointer(start: out, count: used))
     }
 
-    /// Sends a reply of one or two parts (header, data) without building an array.
+    /// Sends a reply of one or two parts (header, data) without building an array. Inlined: called
+    /// out of line, it cost each 4 KiB read ~40 instructions more (callgrind).
+    @inline(__always)
     private func send(slot i: Int, _ first: UnsafeRawBufferPointer, _ second: UnsafeRawBufferPointer? = nil) {
         let outcome = withUnsafeTemporaryAllocation(of: UnsafeRawBufferPointer.self, capacity: 2) { parts in
             parts[0] = first
