@@ -176,4 +176,14 @@ public enum NBDErrorCode: UInt32, Sendable {
 public enum MetaContextName {
     public static let baseAllocation = "base:allocation"
     public static let allocationDepth = "qemu:allocation-depth"
+    /// What precedes a bitmap's name in its context (qemu's docs/interop/nbd.rst).
+    public static let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
+
+    /// The context that serves the persistent bitmap `name`.
+    public static func dirtyBitmap(_ name: String) -> String { dirtyBitmapPrefix + name }
+
+    /// The bitmap a `qemu:dirty-bitmap:` context serves, or nil for any other context.
+    public static func bitmapName(of context: String) -> String? {
+        context.hasPrefix(dirtyBitmapPrefix) ? String(context.dropFirst(dirtyBitmapPrefix.count)) : nil
+    }
 }

@@ -368,16 +368,18 @@ public struct Handshake: Sendable {
         if let reply = tlsRefusal(export, option: raw) { return .proceed(reply: reply) }
         var matches: [String] = []
         if option == .listMetaContext {
-            // LIST with no query lists everything; a namespace alone ("base:", "qemu:") is a wildcard.
+            // LIST with no query lists everything; "base:", "qemu:" and "qemu:dirty-bitmap:" are
+            // wildcards (MetaContextQuery); replies follow the export's order, each context once.
             for context in export.metaContexts where queries.isEmpty || queries.contains(where: {
-                $0 == context || ($0.hasSuffix(":") && context.hasPrefix($0))
+                MetaContextQuery.listMatches($0, context)
             }) {
                 matches.append(context)
             }
         } else {
-            // SET selects exact names only; unknown names are ignored, not errors.
-            for query in queries where export.metaContexts.contains(query) && !matches.contains(query) {
-                matches.append(query)
+            // SET selects exact names only, in the client's order; unknown names are ignored, not errors.
+            for query in queries where !matches.contains(query) {
+                guard let context = export.metaContexts.first(where: { MetaContextQuery.setMatches(query, $0) }) else { continue }
+                matches.append(context)
             }
             selectedContexts = matches.map { (export.metaContextID(of: $0)!, $0) }
             contextsExport = name

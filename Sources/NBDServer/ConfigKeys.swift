@@ -18,7 +18,7 @@ extension ConfigFile {
     /// Keys of an export section. `listenaddr` is accepted and ignored there, as nbd-server does.
     static let exportKeys = [
         "exportname", "readonly", "authfile", "maxconnections", "trim", "flush", "fua", "rotational",
-        "listenaddr", "format", "description", "cache-size", "tls", "tls-psk-users",
+        "listenaddr", "format", "description", "cache-size", "tls", "tls-psk-users", "bitmap",
     ]
     /// nbd-server keys qnbd does not implement, with what they do there.
     static let unimplementedKeys: [String: String] = [
@@ -147,6 +147,13 @@ extension ConfigFile {
                         throw ConfigError(file: entry.file, line: entry.line, "key \"tls-psk-users\" needs at least one PSK username (name,name)")
                     }
                     export.allowedPSKUsernames = users
+                case "bitmap":
+                    // qemu-nbd's -B, once per bitmap; here one key with names separated by commas.
+                    let names = entry.value.split(separator: ",").map { String($0.trimmingSpaces) }.filter { !$0.isEmpty }
+                    if names.isEmpty {
+                        throw ConfigError(file: entry.file, line: entry.line, "key \"bitmap\" needs at least one bitmap name (name,name)")
+                    }
+                    export.bitmaps = names
                 case "cache-size":
                     guard let bytes = ServerConfiguration.parseSize(entry.value) else {
                         throw ConfigError(file: entry.file, line: entry.line, "key \"cache-size\" must be a size such as 16M or 262144, not \"\(entry.value)\"")

@@ -16,6 +16,7 @@ public enum ConfigSummary {
             for (name, value) in [("trim", e.trim), ("flush", e.flush), ("fua", e.fua), ("rotational", e.rotational)] {
                 if let value { parts.append("\(name) \(value)") }
             }
+            if !e.bitmaps.isEmpty { parts.append("bitmaps " + e.bitmaps.map { "\"\($0)\"" }.joined(separator: ", ")) }
             if !e.description.isEmpty { parts.append("description \"\(e.description)\"") }
             lines.append(parts.joined(separator: ", "))
         }

@@ -39,6 +39,11 @@ public final class Export {
         if caps.canCache { flags.insert(.sendCache) }
         var contexts = [MetaContextName.baseAllocation]
         if caps.knowsAllocationDepth { contexts.append(MetaContextName.allocationDepth) }
+        // The bitmaps asked for, in the order given (ImageOpener refused any the device cannot serve).
+        let served = Set((device as? DirtyBitmapDevice)?.dirtyBitmaps.filter { !$0.inconsistent }.map(\.name) ?? [])
+        for name in configuration.bitmaps where served.contains(name) {
+            contexts.append(MetaContextName.dirtyBitmap(name))
+        }
         self.descriptor = ExportDescriptor(
             name: configuration.name, description: configuration.description, size: device.size, flags: flags,
             minimumBlockSize: caps.minimumBlockSize, preferredBlockSize: max(caps.preferredBlockSize, 512),

@@ -6,11 +6,18 @@ import BlockDevice
 import QCow2
 import QCow2Driver
 import RawDriver
+import Synchronization
 import UVCore
 
 enum ImageOpener {
     static func open(_ configuration: ExportConfiguration, io: FileIO, log: Logger) throws(ServerError) -> BlockDevice {
         let path = configuration.imagePath
+        try checkBitmapNames(configuration.bitmaps)
+        if let make = registeredDevices.withLock({ $0[path] }) {
+            let device = make(io)
+            try checkBitmaps(configuration.bitmaps, of: device, path: path)
+            return device
+        }
         let format: ServerConfiguration.ImageFormat
         if let f = configuration.format {
             format = f
@@ -19,22 +26,82 @@ enum ImageOpener {
         }
         switch format {
         case .raw:
+            // Checked before opening: a raw file keeps no bitmaps (qemu-nbd's words for it).
+            if let name = configuration.bitmaps.first {
+                throw ServerError("Bitmap '\(name)' is not found: \(path) is a raw image, and only qcow2 images keep persistent bitmaps")
+            }
             do {
                 return try RawDriver(path: path, readOnly: configuration.readOnly, io: io)
             } catch {
                 throw ServerError(error.description)
             }
         case .qcow2:
+            // Checked before opening as well as after: a mistyped name must not cost the image a
+            // writable open (which marks its enabled bitmaps in use until the clean close).
+            if !configuration.bitmaps.isEmpty { try checkBitmapsInFile(configuration.bitmaps, path: path) }
             if !configuration.readOnly && isDirty(path) { try repair(path, log: log) }
+            let driver: QCow2Driver
             do {
-                let driver = try QCow2Driver(path: path, readOnly: configuration.readOnly, io: io,
-                                             cacheBytes: configuration.cacheBytes)
+                driver = try QCow2Driver(path: path, readOnly: configuration.readOnly, io: io,
+                                         cacheBytes: configuration.cacheBytes)
                 driver.onFailure = { log.error($0) }
-                return driver
             } catch {
                 throw ServerError(error.description)
             }
+            try checkBitmaps(configuration.bitmaps, of: driver, path: path)
+            return driver
         }
+    }
+
+    /// Devices tests serve instead of opening a file, by image path (a device built on the loop's
+    /// FileIO, so it completes on the loop thread like a driver).
+    static let registeredDevices = Mutex<[String: @Sendable (FileIO) -> BlockDevice]>([:])
+
+    // MARK: - Bitmaps (`--bitmap NAME`, qemu-nbd's `-B`)
+
+    private static func checkBitmapNames(_ names: [String]) throws(ServerError) {
+        var seen = Set<String>()
+        for name in names where !seen.insert(name).inserted {
+            throw ServerError("Bitmap '\(name)' is named twice; give each bitmap once")
+        }
+    }
+
+    /// The names against the image's bitmap directory as the format layer reads it.
+    private static func checkBitmapsInFile(_ names: [String], path: String) throws(ServerError) {
+        let entries = try withLoader(path) { (loader, size) throws(QCow2Error) in
+            try BitmapValidation.load(header: try loader.header(fileSize: size), fileSize: size, read: loader.read)
+        }
+        for name in names {
+            guard let entry = entries.first(where: { $0.name == name }) else {
+                throw ServerError(notFound(name, path: path, known: entries.map(\.name)))
+            }
+            if entry.isInUse { throw ServerError(inconsistent(name, path: path)) }
+        }
+    }
+
+    /// The names against what the opened device serves; the device is what answers BLOCK_STATUS.
+    private static func checkBitmaps(_ names: [String], of device: BlockDevice, path: String) throws(ServerError) {
+        guard !names.isEmpty else { return }
+        guard let keeper = device as? DirtyBitmapDevice else {
+            throw ServerError("Bitmap '\(names[0])' is not found: \(device.summary) serves no persistent bitmaps")
+        }
+        let bitmaps = keeper.dirtyBitmaps
+        for name in names {
+            guard let bitmap = bitmaps.first(where: { $0.name == name }) else {
+                throw ServerError(notFound(name, path: path, known: bitmaps.map(\.name)))
+            }
+            if bitmap.inconsistent { throw ServerError(inconsistent(name, path: path)) }
+        }
+    }
+
+    private static func notFound(_ name: String, path: String, known: [String]) -> String {
+        let listed = known.isEmpty ? "it has none" : "it has " + known.map { "'\($0)'" }.joined(separator: ", ")
+        return "Bitmap '\(name)' is not found in \(path) (\(listed))"
+    }
+
+    private static func inconsistent(_ name: String, path: String) -> String {
+        "Bitmap '\(name)' is inconsistent and cannot be used: \(path) was not closed cleanly by its last writer; "
+            + "remove it (qnbd bitmap --remove \(path) \(name)) and take a full backup"
     }
 
     /// The image's metadata through the format layer, read with blocking I/O (opening happens before

@@ -102,6 +102,9 @@ public struct ExportConfiguration: Sendable, Equatable {
     public var tlsRequired = false
     /// `tls-psk-users`: the PSK usernames that may use this export (implies TLS-only).
     public var allowedPSKUsernames: [String]?
+    /// Persistent bitmaps served as `qemu:dirty-bitmap:NAME` meta contexts (qemu-nbd's `-B`), in the
+    /// order given. Each must exist in the image and be consistent, or the export does not open.
+    public var bitmaps: [String] = []
     /// Where the export was defined ("FILE:LINE"), for messages; empty for the command line.
     public var origin = ""
 

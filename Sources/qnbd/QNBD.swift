@@ -89,6 +89,11 @@ struct Serve: ParsableCommand {
     @Option(name: [.short, .long], help: "Image format: raw or qcow2 (default: detected from the image).")
     var format: String?
 
+    @Option(name: [.customShort("B"), .long], help: ArgumentHelp(
+        "Serve the image's persistent bitmap NAME as meta context qemu:dirty-bitmap:NAME, for incremental backups (repeatable; qemu-nbd's -B).",
+        valueName: "NAME"))
+    var bitmap: [String] = []
+
     @Option(name: .long, help: "Most clients served at once; more are turned away (default 128).")
     var maxConnections: Int?
 
@@ -154,7 +159,8 @@ struct Serve: ParsableCommand {
         if config != nil && image != nil { throw ValidationError("give an image or --config, not both (exports of a config file are set in the file)") }
         if config != nil {
             let perExport: [(Bool, String)] = [(!exportName.isEmpty, "--export-name"), (!description.isEmpty, "--description"),
-                                               (readOnly, "--read-only"), (format != nil, "--format"), (cacheSize != nil, "--cache-size")]
+                                               (readOnly, "--read-only"), (format != nil, "--format"), (cacheSize != nil, "--cache-size"),
+                                               (!bitmap.isEmpty, "--bitmap")]
             if let (_, name) = perExport.first(where: { $0.0 }) {
                 throw ValidationError("\(name) sets one export; with --config set it in the export's section of the file")
             }
@@ -169,6 +175,7 @@ struct Serve: ParsableCommand {
         if let cacheSize, ServerConfiguration.parseSize(cacheSize) == nil {
             throw ValidationError("--cache-size must be a size such as 1M or 262144, not \(cacheSize)")
         }
+        if bitmap.contains(where: \.isEmpty) { throw ValidationError("--bitmap needs a bitmap name") }
         if let format, ServerConfiguration.ImageFormat(rawValue: format) == nil {
             throw ValidationError("--format must be raw or qcow2, not \(format)")
         }
@@ -237,6 +244,7 @@ struct Serve: ParsableCommand {
             configuration.exports[0].description = description
             configuration.exports[0].readOnly = readOnly
             configuration.exports[0].cacheBytes = cacheSize.flatMap(Self.parseSize)
+            configuration.exports[0].bitmaps = bitmap
             configuration.listen = [.tcp(host: "::", port: 10809)]
         }
         let overrides = commandLineOverrides()

@@ -19,7 +19,8 @@ final class RunningServer: @unchecked Sendable {
     private(set) var startError: String?
     private(set) var exitStatus: Int32 = -1
 
-    init(image: String, limits: ConnectionLimits, size: Int = 8 << 20, memoryBudget: Int? = nil) throws {
+    init(image: String, limits: ConnectionLimits, size: Int = 8 << 20, memoryBudget: Int? = nil,
+         configure: (inout ServerConfiguration) -> Void = { _ in }) throws {
         let dir = NSTemporaryDirectory() + "qnbd-st-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         imagePath = dir + "/" + image
@@ -32,6 +33,7 @@ final class RunningServer: @unchecked Sendable {
         if let memoryBudget { configuration.memoryBudgetBytes = memoryBudget }
         configuration.logLevel = .error
         configuration.threadPoolSize = 4
+        configure(&configuration)
         let settings = configuration
         let thread = Thread { [self] in
             do {
