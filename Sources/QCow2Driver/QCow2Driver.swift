@@ -21,7 +21,9 @@ public final class QCow2Driver: BlockDevice {
     public let header: Header
     /// The image below this one, if any.
     public let backing: BlockDevice?
-    private let engine: QCow2Engine
+    let engine: QCow2Engine
+    /// The image's persistent bitmaps as they were at open, in directory order.
+    public let dirtyBitmaps: [DirtyBitmapInfo]
     private let fd: Int32
     private let io: FileIO
     /// Test-only (QNBD_TEST_FAULTS), on the top image only; nil otherwise.
@@ -34,6 +36,8 @@ public final class QCow2Driver: BlockDevice {
     /// structure or the failed write), so the operator sees why in the log.
     public var onFailure: ((String) -> Void)?
     private var closing: (tag: UInt64, handler: BlockIOHandler, passes: Int)?
+    /// The close waits for I/O still in flight (a punch) before it stores the bitmaps.
+    private var closeWaitsForIO = false
     /// Test-only log of host-file changes (QNBD_TEST_WRITE_LOG); nil in normal use.
     private let recorder: WriteRecorder?
 
@@ -49,7 +53,8 @@ public final class QCow2Driver: BlockDevice {
         try self.init(path: path, writable: !readOnly, io: io, cacheBytes: cacheBytes, depth: 0, seen: &seen)
     }
 
-    init(path: String, writable: Bool, io: FileIO, cacheBytes: Int?, depth: Int, seen: inout Set<String>) throws(BlockError) {
+    init(path: String, writable asked: Bool, io: FileIO, cacheBytes: Int?, depth: Int, seen: inout Set<String>) throws(BlockError) {
+        var writable = asked
         let fd = Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
         guard fd >= 0 else { throw BlockError(errno: errno, message: "cannot open \(path)") }
         var ok = false
@@ -70,6 +75,18 @@ public final class QCow2Driver: BlockDevice {
         if writable && header.isDirty {
             throw BlockError(errno: EINVAL, message: "\(path): qcow2 header: the dirty bit is set (lazy refcounts after a crash); "
                 + "repair it with `qemu-img check -r all` or serve it with --read-only")
+        }
+        let bitmaps: OpenedBitmaps
+        do {
+            bitmaps = try OpenedBitmaps.load(header: header, fileSize: fileSize, read: loader.read)
+        } catch {
+            throw BlockError(errno: error.corrupt ? EINVAL : EIO, message: "\(path): \(error)")
+        }
+        var readOnlyReason: String?
+        if writable, let unusable = bitmaps.unusable {
+            // qemu opens such an image read-only as well: writing would leave bitmaps it cannot update.
+            writable = false
+            readOnlyReason = "\(unusable); served read-only"
         }
         let l1: [UInt64]
         do {
@@ -112,7 +129,8 @@ public final class QCow2Driver: BlockDevice {
                 engine = try QCow2Engine(header: header, l1: l1, fileSize: fileSize, backingSize: backing?.size,
                                          cacheBytes: cache, refcountTable: table, refcountBlocks: blocks,
                                          snapshots: snapshots)
-                try Self.clearAutoclearBits(fd, header: header, path: path)
+                try bitmaps.markInUse(fd: fd, header: header, path: path)
+                try Self.clearAutoclearBits(fd, header: header, keepBitmaps: !bitmaps.entries.isEmpty, path: path)
             } else {
                 engine = try QCow2Engine(header: header, l1: l1, fileSize: fileSize, backingSize: backing?.size,
                                          cacheBytes: cache)
@@ -123,6 +141,10 @@ public final class QCow2Driver: BlockDevice {
             throw error
         } catch {
             throw BlockError(errno: EIO, message: "\(path): \(error)")
+        }
+        engine.install(bitmaps: bitmaps.live)
+        dirtyBitmaps = bitmaps.live.map {
+            DirtyBitmapInfo(name: $0.name, granularity: $0.granularity, enabled: $0.enabled, inconsistent: $0.inconsistent)
         }
         do {
             faults = depth == 0 ? try FaultInjector.fromEnvironment() : nil
@@ -141,6 +163,8 @@ public final class QCow2Driver: BlockDevice {
             preferredBlockSize: UInt32(min(header.clusterSize, 2 << 20)))
         var text = "qcow2 v\(header.version) \(path), \(header.size) bytes, \(header.clusterSize)-byte clusters"
         if let backing { text += ", backed by \(backing.summary)" }
+        if !bitmaps.live.isEmpty { text += ", \(bitmaps.live.count) persistent bitmap\(bitmaps.live.count == 1 ? "" : "s")" }
+        if let readOnlyReason { text += " (\(readOnlyReason))" }
         self.summary = text
         self.recorder = writable ? WriteRecorder.fromEnvironment(fileSize: fileSize) : nil
         ok = true
@@ -196,7 +220,14 @@ public final class QCow2Driver: BlockDevice {
     private func closeStep() {
         guard let (tag, handler, passes) = closing else { return }
         if !engine.isDirty || passes == 0 {
+            // Bitmaps are stored only over a quiet, fully flushed image: the store allocates from the
+            // refcounts on disk, which are then the whole truth.
+            if engine.outstandingIO > 0 || engine.activeRequests > 0 {
+                closeWaitsForIO = true
+                return
+            }
             closing = nil
+            if capabilities.writable && !engine.isDirty && engine.failure == nil { storeBitmaps() }
             return handler.blockIOCompleted(tag: tag, outcome: .done)
         }
         closing = (tag, handler, passes - 1)
@@ -213,11 +244,15 @@ public final class QCow2Driver: BlockDevice {
     private func pump() {
         guard !pumping else { return }
         pumping = true
-        defer { pumping = false }
         while let action = engine.nextAction() { execute(action) }
+        pumping = false
         if !failureReported, let failure = engine.failure {
             failureReported = true
             onFailure?("\(path): \(failure); the image is read-only from now on")
+        }
+        if closeWaitsForIO && engine.outstandingIO == 0 && engine.activeRequests == 0 {
+            closeWaitsForIO = false
+            closeStep()
         }
     }
 
@@ -311,12 +346,14 @@ public final class QCow2Driver: BlockDevice {
         }
     }
 
-    /// qnbd maintains no autoclear feature (bitmaps included), so their bits are cleared before the
-    /// first write, as the spec requires of writers that do not know them.
-    private static func clearAutoclearBits(_ fd: Int32, header: Header, path: String) throws(BlockError) {
-        guard header.version >= 3, header.autoclearFeatures != 0 else { return }
-        var zero: UInt64 = 0
-        guard pwrite(fd, &zero, 8, off_t(Header.autoclearFeaturesOffset)) == 8, fdatasync(fd) == 0 else {
+    /// Autoclear features qnbd does not maintain are cleared before the first write, as the spec
+    /// requires of writers that do not know them. Bit 0 (bitmaps) stays when the image's bitmaps were
+    /// loaded: qnbd keeps them up to date.
+    private static func clearAutoclearBits(_ fd: Int32, header: Header, keepBitmaps: Bool, path: String) throws(BlockError) {
+        let kept = keepBitmaps ? header.autoclearFeatures & FeatureBit.bitmaps : 0
+        guard header.version >= 3, header.autoclearFeatures != kept else { return }
+        var word = kept.bigEndian
+        guard pwrite(fd, &word, 8, off_t(Header.autoclearFeaturesOffset)) == 8, fdatasync(fd) == 0 else {
             throw BlockError(errno: errno, message: "\(path): cannot clear the autoclear feature bits")
         }
     }

@@ -30,14 +30,8 @@ public enum BitmapOperation: Equatable, Sendable {
     }
 }
 
-/// A bitmap as the editor holds it: its entry, and its bits once they are read or changed.
-struct EditedBitmap {
-    var entry: BitmapEntry
-    /// nil: unchanged, still as on disk (and left there).
-    var bits: [UInt8]?
-    /// The clusters the on-disk version owns (table and data), freed when it is replaced or removed.
-    var onDisk: [(offset: UInt64, clusters: UInt64)]
-}
+/// A bitmap as the editor holds it (the format layer's StoredBitmap).
+typealias EditedBitmap = StoredBitmap
 
 public enum BitmapEditor {
     /// qemu's default granularity for a new bitmap: the cluster size, within 4 KiB ... 64 KiB.
@@ -104,12 +98,7 @@ public enum BitmapEditor {
 
     /// The table and data clusters a bitmap on disk owns.
     static func ownedClusters(_ entry: BitmapEntry, image: ImageMetadata) throws(QCow2Error) -> [(offset: UInt64, clusters: UInt64)] {
-        let cs = image.clusterSize
-        var owned = [(entry.tableOffset, (UInt64(entry.tableSize) * 8 + cs - 1) / cs)]
-        let table = try BitmapValidation.table(of: entry, clusterSize: cs, fileSize: image.fileLength,
-                                               regions: MetadataRegions(header: image.header), read: image.loader.read)
-        for kind in table { if case .data(let offset) = kind { owned.append((offset, 1)) } }
-        return owned
+        try BitmapStore.ownedClusters(entry, image: image)
     }
 
     static func apply(_ operation: BitmapOperation, name: String, granularity: UInt64?, bitmaps: inout [EditedBitmap],
@@ -208,58 +197,6 @@ public enum BitmapEditor {
 
     /// Writes the changed bitmaps and a new directory, switches the header to them, frees the old ones.
     static func store(_ bitmaps: [EditedBitmap], removed: [EditedBitmap], image: ImageMetadata) throws(QCow2Error) {
-        let allocator = try OfflineAllocator(image: image)
-        let cs = image.clusterSize
-        var entries: [BitmapEntry] = []
-        var freed: [(offset: UInt64, clusters: UInt64)] = removed.flatMap(\.onDisk)
-        for bitmap in bitmaps {
-            var entry = bitmap.entry
-            if let bits = bitmap.bits {
-                freed += bitmap.onDisk
-                let tableSize = BitmapEntry.tableEntries(virtualSize: image.header.size, granularityBits: entry.granularityBits, clusterSize: cs)
-                var table = [UInt64](repeating: 0, count: Int(tableSize))
-                for i in 0..<Int(tableSize) {
-                    let chunk = Array(bits[(i * Int(cs))..<min(bits.count, (i + 1) * Int(cs))])
-                    guard chunk.contains(where: { $0 != 0 }) else { continue }
-                    let offset = try allocator.allocate(clusters: 1)
-                    try image.file.write(chunk + [UInt8](repeating: 0, count: Int(cs) - chunk.count), at: offset)
-                    table[i] = offset
-                }
-                let tableClusters = (tableSize * 8 + cs - 1) / cs
-                entry.tableOffset = try allocator.allocate(clusters: tableClusters)
-                entry.tableSize = UInt32(tableSize)
-                try image.file.write(padded([UInt8].be64Bytes(table), cs), at: entry.tableOffset)
-            }
-            entries.append(entry)
-        }
-        var header = image.header
-        header.extensions.removeAll { $0.type == HeaderExtensionType.bitmaps }
-        if let old = try BitmapDirectory(header: image.header) {
-            freed.append((old.offset, (old.byteCount + cs - 1) / cs))
-        }
-        if entries.isEmpty {
-            header.autoclearFeatures &= ~FeatureBit.bitmaps
-        } else {
-            let directory = entries.flatMap { $0.encoded() }
-            let offset = try allocator.allocate(clusters: (UInt64(directory.count) + cs - 1) / cs)
-            try image.file.write(padded(directory, cs), at: offset)
-            header.extensions.insert(HeaderExtension(type: HeaderExtensionType.bitmaps, data: BitmapDirectory.extensionData(
-                count: entries.count, offset: offset, byteCount: UInt64(directory.count))), at: 0)
-            header.autoclearFeatures |= FeatureBit.bitmaps
-        }
-        // New structures and their refcounts are durable before the header points at them.
-        try image.file.sync()
-        try allocator.commit()
-        let cluster0 = try image.loader.read(0, Int(cs))
-        try image.file.write(try header.rewritingExtensions(of: cluster0), at: 0)
-        try image.file.sync()
-        // Only now is nothing durable pointing at the old structures.
-        for (offset, clusters) in freed { try allocator.free(offset, clusters: clusters) }
-        try allocator.commit()
-    }
-
-    static func padded(_ bytes: [UInt8], _ cs: UInt64) -> [UInt8] {
-        let total = (bytes.count + Int(cs) - 1) / Int(cs) * Int(cs)
-        return bytes + [UInt8](repeating: 0, count: total - bytes.count)
+        try BitmapStore.store(bitmaps, removed: removed, image: image)
     }
 }

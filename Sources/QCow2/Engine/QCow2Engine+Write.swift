@@ -57,6 +57,7 @@ extension QCow2Engine {
             outbox.append(.complete(tag, .done))
             return
         }
+        markBitmaps(offset: offset, length: length)
         let id = writing.writes.insert(WriteRequest(tag: tag, offset: offset, length: length, kind: kind, fua: fua,
                                             generation: writing.pinGeneration()))
         continueWrite(id, writing)

@@ -45,6 +45,10 @@ public final class QCow2Engine {
     /// Set after a metadata write or sync failed for a reason other than space: the image is read-only
     /// from then on (H10).
     @exclusivity(unchecked) public private(set) var failure: String?
+    /// The image's persistent dirty bitmaps (LiveBitmap), marked at every write's entry.
+    @exclusivity(unchecked) public private(set) var bitmaps: [LiveBitmap] = []
+    /// Some bitmap records writes: the one branch a write pays when none does.
+    @exclusivity(unchecked) var recordsWrites = false
 
     /// Why an action was issued.
     enum TokenPurpose {
@@ -98,6 +102,24 @@ public final class QCow2Engine {
         try self.init(header: header, l1: l1, fileSize: fileSize, backingSize: backingSize, cacheBytes: cacheBytes,
                       refcounts: nil)
     }
+
+    /// Installs the bitmaps loaded at open (before anything is served).
+    public func install(bitmaps: [LiveBitmap]) {
+        self.bitmaps = bitmaps
+        recordsWrites = writableState != nil && bitmaps.contains { $0.records }
+    }
+
+    /// Marks `offset..<offset+length` dirty in every bitmap that records writes. Called when a write,
+    /// zero or trim is accepted, before any of its I/O: a request that completes is always reflected,
+    /// and a request that fails part-way leaves its range dirty (a backup copies a little more).
+    @inline(__always)
+    func markBitmaps(offset: UInt64, length: UInt64) {
+        guard recordsWrites else { return }
+        for i in bitmaps.indices where bitmaps[i].records { bitmaps[i].mark(offset: offset, length: length) }
+    }
+
+    /// I/O still in flight (actions issued and not completed), punches included.
+    public var outstandingIO: Int { tokens.count }
 
     /// The next pending action, oldest first; nil when there is none. Actions appended while the
     /// shell executes one (inline completions) come out of later calls. Draining one by one, with the
