@@ -52,7 +52,7 @@ struct OpenedBitmaps {
 
     /// Sets in_use on every enabled consistent bitmap by rewriting the directory in place (same layout,
     /// only flags change) and syncing, so that a crash while serving leaves them inconsistent.
-    func markInUse(fd: Int32, header: Header, path: String) throws(BlockError) {
+    func markInUse(fd: Int32, header: Header, path: String, recorder: WriteRecorder?) throws(BlockError) {
         guard entries.contains(where: { $0.isEnabled && !$0.isInUse }) else { return }
         let directory: BitmapDirectory
         do {
@@ -67,10 +67,15 @@ struct OpenedBitmaps {
             return entry.encoded()
         }
         precondition(UInt64(bytes.count) == directory.byteCount, "a re-encoded bitmap directory changed size")
-        let written = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress!, $0.count, off_t(directory.offset)) }
+        let written = bytes.withUnsafeBytes { raw in
+            let n = pwrite(fd, raw.baseAddress!, raw.count, off_t(directory.offset))
+            recorder?.blockingWrite(raw, at: directory.offset, result: n)
+            return n
+        }
         guard written == bytes.count, fdatasync(fd) == 0 else {
             throw BlockError(errno: errno, message: "\(path): cannot mark the persistent bitmaps in use")
         }
+        recorder?.blockingSync(result: 0)
     }
 }
 
@@ -94,7 +99,8 @@ extension QCow2Driver: DirtyBitmapDevice {
         guard engine.bitmaps.contains(where: { $0.records }) else { return }
         let reason: String
         do throws(QCow2Error) {
-            let image = try ImageMetadata(file: try BlockingImageFile(path: path, writable: true))
+            let file: MetadataFile = try BlockingImageFile(path: path, writable: true)
+            let image = try ImageMetadata(file: recorder.map { RecordedFile(file, recorder: $0) } ?? file)
             var stored: [StoredBitmap] = []
             for entry in try image.bitmaps() {
                 guard let live = engine.bitmaps.first(where: { $0.name == entry.name }), live.records else {

@@ -39,7 +39,7 @@ public final class QCow2Driver: BlockDevice {
     /// The close waits for I/O still in flight (a punch) before it stores the bitmaps.
     private var closeWaitsForIO = false
     /// Test-only log of host-file changes (QNBD_TEST_WRITE_LOG); nil in normal use.
-    private let recorder: WriteRecorder?
+    let recorder: WriteRecorder?
 
     /// Longest backing chain accepted; deeper chains are refused as a likely loop or attack.
     public static let maximumChainDepth = 64
@@ -118,6 +118,8 @@ public final class QCow2Driver: BlockDevice {
             }
         }
         let cache = cacheBytes ?? QCow2Engine.defaultCacheBytes(header: header)
+        // Made before the first change to the file, so the log holds every one.
+        let recorder = writable ? WriteRecorder.fromEnvironment(fileSize: fileSize) : nil
         do {
             if writable {
                 let (table, blocks) = try Self.loadRefcounts(fd, header: header, fileSize: fileSize, path: path)
@@ -129,7 +131,7 @@ public final class QCow2Driver: BlockDevice {
                 engine = try QCow2Engine(header: header, l1: l1, fileSize: fileSize, backingSize: backing?.size,
                                          cacheBytes: cache, refcountTable: table, refcountBlocks: blocks,
                                          snapshots: snapshots)
-                try bitmaps.markInUse(fd: fd, header: header, path: path)
+                try bitmaps.markInUse(fd: fd, header: header, path: path, recorder: recorder)
                 try Self.clearAutoclearBits(fd, header: header, keepBitmaps: !bitmaps.entries.isEmpty, path: path)
             } else {
                 engine = try QCow2Engine(header: header, l1: l1, fileSize: fileSize, backingSize: backing?.size,
@@ -166,7 +168,7 @@ public final class QCow2Driver: BlockDevice {
         if !bitmaps.live.isEmpty { text += ", \(bitmaps.live.count) persistent bitmap\(bitmaps.live.count == 1 ? "" : "s")" }
         if let readOnlyReason { text += " (\(readOnlyReason))" }
         self.summary = text
-        self.recorder = writable ? WriteRecorder.fromEnvironment(fileSize: fileSize) : nil
+        self.recorder = recorder
         ok = true
     }
 

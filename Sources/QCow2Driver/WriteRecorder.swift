@@ -107,6 +107,26 @@ final class WriteRecorder {
         record(kind == .flush ? .flushAsked : .fuaAsked, id: sequence)
     }
 
+    /// Ids of the blocking writes and syncs made outside the engine (open and close): never an
+    /// engine token, which counts up from 0.
+    private var blockingID: UInt32 = 0xffff_0000
+
+    /// A blocking write made outside the engine (the bitmap directory at open, the bitmap store at
+    /// close): issued and completed at once.
+    func blockingWrite(_ bytes: UnsafeRawBufferPointer, at offset: UInt64, result: Int) {
+        blockingID &+= 1
+        record(.writeIssued, id: blockingID, offset: offset, length: UInt64(bytes.count))
+        append(bytes)
+        record(.completed, id: blockingID, value: Int64(result))
+    }
+
+    /// A blocking fdatasync outside the engine.
+    func blockingSync(result: Int) {
+        blockingID &+= 1
+        record(.syncStarted, id: blockingID)
+        record(.completed, id: blockingID, value: Int64(result))
+    }
+
     private func record(_ kind: Kind, id: UInt32 = 0, offset: UInt64 = 0, length: UInt64 = 0, value: Int64 = 0) {
         var bytes = [UInt8](repeating: 0, count: 32)
         bytes[0] = kind.rawValue
@@ -133,5 +153,30 @@ final class WriteRecorder {
             precondition(n > 0, "\(Self.environmentVariable): write failed, errno \(errno)")
             done += n
         }
+    }
+}
+
+/// A MetadataFile whose writes and syncs are logged to the recorder as they are made (the bitmap
+/// store at close), so the powercut replay sees every change to the file.
+final class RecordedFile: MetadataFile {
+    private let file: MetadataFile
+    private let recorder: WriteRecorder
+
+    init(_ file: MetadataFile, recorder: WriteRecorder) {
+        self.file = file
+        self.recorder = recorder
+    }
+
+    func length() throws(QCow2Error) -> UInt64 { try file.length() }
+    func read(at offset: UInt64, count: Int) throws(QCow2Error) -> [UInt8] { try file.read(at: offset, count: count) }
+
+    func write(_ bytes: [UInt8], at offset: UInt64) throws(QCow2Error) {
+        try file.write(bytes, at: offset)
+        bytes.withUnsafeBytes { recorder.blockingWrite($0, at: offset, result: bytes.count) }
+    }
+
+    func sync() throws(QCow2Error) {
+        try file.sync()
+        recorder.blockingSync(result: 0)
     }
 }

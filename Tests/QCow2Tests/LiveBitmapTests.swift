@@ -15,7 +15,7 @@ import Testing
             let size: UInt64 = (300 << 20) + 4097
             let granule = UInt64(1) << UInt64(granularityBits)
             let granules = Int((size + granule - 1) / granule)
-            var bitmap = LiveBitmap(name: "x", granularityBits: granularityBits, enabled: true, inconsistent: false, virtualSize: size)
+            let bitmap = LiveBitmap(name: "x", granularityBits: granularityBits, enabled: true, inconsistent: false, virtualSize: size)
             var model = [Bool](repeating: false, count: granules)
             for _ in 0..<200 {
                 let offset = next(size)

@@ -4,11 +4,14 @@
 #     `qnbd check --repair leaks` must remove them: qemu-img check is clean afterwards);
 #   - every write acknowledged before the last completed FLUSH was *sent* reads back intact, except
 #     where a later (possibly unfinished) operation touched the same bytes;
-#   - the image reopens and serves.
+#   - the image reopens and serves;
+#   - with --bitmaps (an enabled bitmap "live", a disabled "frozen" with bits set): after the kill
+#     "live" is in use (inconsistent) and "frozen" unchanged, and both stay so through the reopen.
 #
 #   scripts/interop/crashkill.py --cycles 200 [--format qcow2|raw] [--cluster N]   the long run
 #   test_crash.py                                                                   a short run for CI
 import argparse
+import json
 import os
 import random
 import select
@@ -124,13 +127,46 @@ def first_mismatch(image_bytes, model, certain):
     return None
 
 
-def cycle(fmt, cluster, size, seed, workdir=None, duration=None):
+def bitmap_state(image):
+    """{name: (flags, dirty runs or None when in use)}, read by qemu-img info and `qnbd map`."""
+    info = json.loads(T.run(["qemu-img", "info", "--output=json", image], timeout=120).stdout)
+    out = {}
+    for b in info["format-specific"]["data"].get("bitmaps", []):
+        runs = None
+        if "in-use" not in b["flags"]:
+            m = T.run([T.QNBD, "map", "--bitmap", b["name"], "--output", "json", image], timeout=120)
+            runs = [(r["start"], r["length"], r["dirty"]) for r in json.loads(m.stdout)]
+        out[b["name"]] = (tuple(b["flags"]), runs)
+    return out
+
+
+def add_bitmaps(image):
+    T.run(["qemu-img", "bitmap", "--add", image, "live"])
+    T.run(["qemu-img", "bitmap", "--add", "-g", "1048576", image, "frozen"])
+    T.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0 3M 512", image])
+    T.run(["qemu-img", "bitmap", "--disable", image, "frozen"])
+
+
+def bitmap_problems(image, before, when):
+    after = bitmap_state(image)
+    problems = []
+    if after.get("frozen") != before["frozen"]:
+        problems.append("%s: the disabled bitmap changed: %s -> %s" % (when, before["frozen"], after.get("frozen")))
+    if after.get("live", (None,))[0] != ("in-use", "auto"):
+        problems.append("%s: the enabled bitmap is not in use: %s" % (when, after.get("live")))
+    return problems
+
+
+def cycle(fmt, cluster, size, seed, workdir=None, duration=None, bitmaps=False):
     """One kill cycle; returns (problems, operations sent, operations acknowledged)."""
     rnd = random.Random(seed)
     workdir = workdir or T.new_workdir("crash")
     image = os.path.join(workdir, "disk." + fmt)
     if fmt == "qcow2":
         T.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=%d" % cluster, image, str(size)])
+        if bitmaps:
+            add_bitmaps(image)
+            before = bitmap_state(image)
     else:
         T.make_image(image, size)
     server = T.Server(workdir, image).start()
@@ -151,6 +187,8 @@ def cycle(fmt, cluster, size, seed, workdir=None, duration=None):
         if check.returncode not in (0, 3):
             problems.append("qemu-img check rc=%d after the kill:\n%s%s" % (check.returncode, check.stdout, check.stderr))
             return problems, len(log), 0
+        if bitmaps:
+            problems += bitmap_problems(image, before, "after the kill")
         if check.returncode == 3:
             repair = T.run([T.QNBD, "check", "--repair", "leaks", image], check=False, timeout=120)
             again = T.run(["qemu-img", "check", "-f", "qcow2", image], check=False, timeout=120)
@@ -177,6 +215,8 @@ def cycle(fmt, cluster, size, seed, workdir=None, duration=None):
     h.shutdown()
     if again.stop() != 0:
         problems.append("reopened server did not stop cleanly")
+    if bitmaps:
+        problems += bitmap_problems(image, before, "after the reopen")
     acked = sum(1 for op in log if op.done is not None)
     return problems, len(log), acked
 
@@ -187,10 +227,11 @@ def main():
     p.add_argument("--format", choices=["qcow2", "raw"], default="qcow2")
     p.add_argument("--cluster", type=int, default=65536)
     p.add_argument("--size", type=int, default=64 * MiB)
+    p.add_argument("--bitmaps", action="store_true", help="qcow2 with an enabled and a disabled persistent bitmap")
     a = p.parse_args()
     failed = 0
     for seed in range(1, a.cycles + 1):
-        problems, ops, acked = cycle(a.format, a.cluster, a.size, seed)
+        problems, ops, acked = cycle(a.format, a.cluster, a.size, seed, bitmaps=a.bitmaps)
         status = "PASS" if not problems else "FAIL"
         print("%s cycle %d (%d ops, %d acknowledged)" % (status, seed, ops, acked), flush=True)
         for pr in problems:

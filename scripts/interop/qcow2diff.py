@@ -7,11 +7,16 @@
 # contents are deterministic whatever order the server completes them in. After a clean stop, qemu is
 # the referee: `qemu-img check` must find no errors and no leaks, and `qemu-img compare` must find the
 # image identical to the model written out as a raw twin.
+# With bitmaps (v3 only): the image starts with persistent bitmaps (enabled at 512 B and 64 KiB
+# granularity, and a disabled one with bits set); afterwards `qemu-img info` lists the same bitmaps with
+# the same flags, the disabled one reads the same (`qnbd map --bitmap`), and `qemu-nbd -r -B NAME` +
+# `nbdinfo --map=qemu:dirty-bitmap:NAME` shows every byte written, zeroed or trimmed as dirty.
 #
 #   scripts/interop/qcow2diff.py --help     the full matrix and single cases from the command line
 #   test_qcow2_write.py                      the CI subset
 import argparse
 import itertools
+import json
 import os
 import random
 import select
@@ -27,7 +32,7 @@ MiB = 1024 * 1024
 class Case:
     def __init__(self, cluster=65536, refcount_bits=16, compat="1.1", backing=None, lazy=False,
                  size=64 * MiB, backing_size=None, ops=600, connections=3, depth=8, seed=1, snapshot=False,
-                 extended_l2=False):
+                 extended_l2=False, bitmaps=False):
         self.cluster = cluster
         self.refcount_bits = refcount_bits
         self.compat = compat
@@ -43,11 +48,12 @@ class Case:
         # and the snapshot must read back unchanged afterwards.
         self.snapshot = snapshot
         self.extended_l2 = extended_l2
+        self.bitmaps = bitmaps
 
     def __str__(self):
-        return "cluster=%d refcount_bits=%d compat=%s backing=%s lazy=%s snapshot=%s extended_l2=%s seed=%d" % (
+        return "cluster=%d refcount_bits=%d compat=%s backing=%s lazy=%s snapshot=%s extended_l2=%s bitmaps=%s seed=%d" % (
             self.cluster, self.refcount_bits, self.compat, self.backing, self.lazy, self.snapshot,
-            self.extended_l2, self.seed)
+            self.extended_l2, self.bitmaps, self.seed)
 
     @property
     def v3(self):
@@ -99,7 +105,66 @@ def make_images(case, workdir, rnd):
         qemu_img("snapshot", "-c", "s1", image)
         with open(os.path.join(workdir, "snapshot.raw"), "wb") as f:
             f.write(model)
+    if case.bitmaps:
+        qemu_img("bitmap", "--add", "-g", "512", image, "fine")
+        qemu_img("bitmap", "--add", "-g", "65536", image, "coarse")
+        qemu_img("bitmap", "--add", "-g", "65536", image, "frozen")
+        n = min(3 * case.cluster, 200000)
+        T.run(["qemu-io", "-f", "qcow2", image, "-c", "write -P 7 1000 %d" % n], timeout=120)
+        model[1000:1000 + n] = bytes([7]) * n
+        qemu_img("bitmap", "--disable", image, "frozen")
     return image, model
+
+
+def bitmap_list(image):
+    info = json.loads(qemu_img("info", "--output=json", image).stdout)
+    return sorted((b["name"], b["granularity"], tuple(b["flags"])) for b in info["format-specific"]["data"].get("bitmaps", []))
+
+
+def qnbd_bitmap_runs(image, name):
+    out = T.run([T.QNBD, "map", "--bitmap", name, "--output", "json", image], timeout=120).stdout
+    return [(r["start"], r["length"], r["dirty"]) for r in json.loads(out)]
+
+
+def qemu_dirty_runs(workdir, image, name):
+    """Dirty (offset, length) runs of bitmap `name` as qemu-nbd -B serves them to nbdinfo."""
+    sock = os.path.join(workdir, "qemu-nbd.sock")
+    proc = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", name, "-k", sock, image],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 20
+        while not os.path.exists(sock):
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError("qemu-nbd did not start")
+            time.sleep(0.05)
+        p = T.run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:" + name, "nbd+unix:///?socket=" + T.uri_quote_socket(sock)],
+                  timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    return [(e["offset"], e["length"]) for e in json.loads(p.stdout) if e["type"] & 1]
+
+
+def bitmap_problems(workdir, image, before, frozen, changed):
+    problems = []
+    if bitmap_list(image) != before:
+        problems.append("bitmaps changed: %s -> %s" % (before, bitmap_list(image)))
+        return problems
+    if qnbd_bitmap_runs(image, "frozen") != frozen:
+        problems.append("the disabled bitmap changed")
+    for name in ("fine", "coarse"):
+        dirty = sorted(qemu_dirty_runs(workdir, image, name))
+        merged = []
+        for off, length in dirty:
+            if merged and merged[-1][1] >= off:
+                merged[-1][1] = max(merged[-1][1], off + length)
+            else:
+                merged.append([off, off + length])
+        for off, length in changed:
+            if not any(lo <= off and off + length <= hi for lo, hi in merged):
+                problems.append("bitmap %s: %d+%d was changed but is not dirty" % (name, off, length))
+                break
+    return problems
 
 
 class Workload:
@@ -119,6 +184,7 @@ class Workload:
         self.busy = []       # ranges in flight
         self.errors = []
         self.counts = {}
+        self.changed = []    # (offset, length) of every write, zero and trim sent
 
     def overlaps(self, off, length):
         return any(off < o + l and o < off + length for o, l in self.busy)
@@ -187,6 +253,8 @@ class Workload:
             cookie = h.aio_pread(buf, off)
             expected = bytes(self.model[off:off + length])
         self.inflight[(hi, cookie)] = (kind, off, length, expected, buf)
+        if kind != "read":
+            self.changed.append((off, length))
         self.busy.append((off, length))
         self.counts[kind] = self.counts.get(kind, 0) + 1
         return True
@@ -271,6 +339,9 @@ def run_case(case, workdir=None, timeout=240):
     rnd = random.Random(case.seed)
     workdir = workdir or T.new_workdir("qcow2diff")
     image, model = make_images(case, workdir, rnd)
+    if case.bitmaps:
+        before_bitmaps = bitmap_list(image)
+        frozen = qnbd_bitmap_runs(image, "frozen")
     server = T.Server(workdir, image).start()
     problems = []
     try:
@@ -282,6 +353,8 @@ def run_case(case, workdir=None, timeout=240):
         problems += w.errors
     finally:
         rc = server.stop()
+    if case.bitmaps and rc == 0:
+        problems += bitmap_problems(workdir, image, before_bitmaps, frozen, w.changed)
     if rc != 0:
         problems.append("server exited with %r; log:\n%s" % (rc, server.log()[-2000:]))
     check = qemu_img("check", "-f", "qcow2", image, check=False)
@@ -316,6 +389,9 @@ def matrix():
     for cluster, backing, snapshot in itertools.product([16384, 65536, 2 * MiB], [None, "qcow2", "raw"], [False, True]):
         yield Case(cluster=cluster, backing=backing, extended_l2=True, snapshot=snapshot,
                    size=64 * MiB if cluster < 2 * MiB else 256 * MiB)
+    for cluster, backing, bits in itertools.product([512, 65536, 2 * MiB], [None, "qcow2"], [1, 16]):
+        yield Case(cluster=cluster, backing=backing, refcount_bits=bits, bitmaps=True,
+                   size=64 * MiB if cluster < 2 * MiB else 256 * MiB)
 
 
 def main():
@@ -330,10 +406,12 @@ def main():
     p.add_argument("--lazy", action="store_true")
     p.add_argument("--snapshot", action="store_true")
     p.add_argument("--extended-l2", action="store_true")
+    p.add_argument("--bitmaps", action="store_true")
     a = p.parse_args()
     cases = list(matrix()) if a.matrix else [Case(cluster=a.cluster, refcount_bits=a.refcount_bits,
                                                    compat=a.compat, backing=a.backing, lazy=a.lazy,
-                                                   snapshot=a.snapshot, extended_l2=a.extended_l2)]
+                                                   snapshot=a.snapshot, extended_l2=a.extended_l2,
+                                                   bitmaps=a.bitmaps)]
     passed = failed = 0
     for base in cases:
         for seed in range(1, a.seeds + 1):

@@ -38,6 +38,11 @@ class DifferentialTests(unittest.TestCase):
     def test_extended_l2_subclusters_over_a_backing_file(self):
         self.check(extended_l2=True, backing="qcow2")
 
+    def test_persistent_bitmaps_mark_every_change(self):
+        # Bitmaps kept and stored: qemu-img info lists them unchanged, qemu-nbd -B shows every change.
+        self.check(bitmaps=True)
+        self.check(bitmaps=True, cluster=512, backing="qcow2")
+
     def test_extended_l2_16k_clusters_with_a_snapshot(self):
         self.check(extended_l2=True, cluster=16384, snapshot=True)
 

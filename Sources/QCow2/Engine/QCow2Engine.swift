@@ -47,8 +47,8 @@ public final class QCow2Engine {
     @exclusivity(unchecked) public private(set) var failure: String?
     /// The image's persistent dirty bitmaps (LiveBitmap), marked at every write's entry.
     @exclusivity(unchecked) public private(set) var bitmaps: [LiveBitmap] = []
-    /// Some bitmap records writes: the one branch a write pays when none does.
-    @exclusivity(unchecked) var recordsWrites = false
+    /// The recording bitmaps' markers (the one check a write pays when there are none).
+    @exclusivity(unchecked) var bitmapMarkers: [LiveBitmap.Marker] = []
 
     /// Why an action was issued.
     enum TokenPurpose {
@@ -106,7 +106,7 @@ public final class QCow2Engine {
     /// Installs the bitmaps loaded at open (before anything is served).
     public func install(bitmaps: [LiveBitmap]) {
         self.bitmaps = bitmaps
-        recordsWrites = writableState != nil && bitmaps.contains { $0.records }
+        bitmapMarkers = writableState == nil ? [] : bitmaps.filter(\.records).map(\.marker)
     }
 
     /// Marks `offset..<offset+length` dirty in every bitmap that records writes. Called when a write,
@@ -114,8 +114,8 @@ public final class QCow2Engine {
     /// and a request that fails part-way leaves its range dirty (a backup copies a little more).
     @inline(__always)
     func markBitmaps(offset: UInt64, length: UInt64) {
-        guard recordsWrites else { return }
-        for i in bitmaps.indices where bitmaps[i].records { bitmaps[i].mark(offset: offset, length: length) }
+        guard !bitmapMarkers.isEmpty else { return }
+        for marker in bitmapMarkers { marker.mark(offset: offset, length: length) }
     }
 
     /// I/O still in flight (actions issued and not completed), punches included.
