@@ -11,7 +11,7 @@ extension ConfigFile {
     /// Keys of [generic].
     static let genericKeys = [
         "port", "listenaddr", "unixsock", "duallisten", "user", "group", "allowlist", "includedir",
-        "maxconnections", "max_threads", "threads", "handshake-timeout", "send-timeout",
+        "maxconnections", "max_threads", "threads", "loops", "handshake-timeout", "send-timeout",
         "tls", "tls-certificates", "tls-psk", "tls-verify-peer", "tls-authz-file", "tls-priority",
     ]
     /// Keys of an export section. `listenaddr` is accepted and ignored there, as nbd-server does.
@@ -71,6 +71,7 @@ extension ConfigFile {
                 case "includedir": includeDir = (try path(entry), entry)
                 case "maxconnections": configuration.maximumConnections = try integer(entry, 1...1_000_000)
                 case "max_threads", "threads": configuration.threadPoolSize = try integer(entry, 1...1024)
+                case "loops": configuration.loops = try integer(entry, 1...ServerConfiguration.maximumLoops)
                 case "handshake-timeout":
                     configuration.connectionLimits.handshakeTimeoutMilliseconds = UInt64(try integer(entry, 1...86_400)) * 1000
                 case "send-timeout":

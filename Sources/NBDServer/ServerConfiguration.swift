@@ -3,6 +3,7 @@
 
 import NBDProtocol
 import TLS
+import UVCore
 
 public struct ServerConfiguration: Sendable {
     public enum ImageFormat: String, Sendable, CaseIterable {
@@ -30,6 +31,11 @@ public struct ServerConfiguration: Sendable {
     public var pidFile: String?
     public var logLevel: Logger.Level = .info
     public var threadPoolSize = 16
+    /// Event loops, one thread each (`--loops`, `loops =`); nil: one per online CPU, at most `maximumLoops`.
+    public var loops: Int?
+    public static let maximumLoops = 64
+    /// The loop count in force: what was asked, or the online CPUs (capped).
+    public var effectiveLoops: Int { loops ?? min(LoopThread.onlineProcessors, Self.maximumLoops) }
     public var connectionLimits = ConnectionLimits()
     /// Request and reply bytes all connections together may hold before they stop reading.
     public var memoryBudgetBytes = 256 << 20
@@ -66,6 +72,7 @@ public struct ServerConfiguration: Sendable {
         if listen != other.listen { changed.append("listen addresses") }
         if user != other.user || group != other.group { changed.append("user/group") }
         if threadPoolSize != other.threadPoolSize { changed.append("threads") }
+        if effectiveLoops != other.effectiveLoops { changed.append("loops") }
         if memoryBudgetBytes != other.memoryBudgetBytes { changed.append("memory budget") }
         if effectiveTLSMode != other.effectiveTLSMode || tls != other.tls || tlsAuthzFile != other.tlsAuthzFile { changed.append("TLS settings") }
         return changed
