@@ -11,10 +11,13 @@
 //   owner loop: ProxyLink.blockIOCompleted posts a ProxyCompletion (proxy, slot, outcome) to loop k
 //   loop k:     ProxyDevice.complete frees the slot and calls the connection's handler
 //
+// Batching: each side gathers a loop turn's requests (or completions) and posts them at the turn's end
+// (EventLoop.runAtTurnEnd) with one lock and one wake-up, instead of one per request.
+//
 // Memory: buffers are the connection's pooled buffers, crossing as raw addresses; the connection keeps
 // a request's buffer until the device completed it, so the owner loop never sees freed memory. Slots
-// are an array with a free list, and the mailboxes swap two reused arrays, so once warm the proxy path
-// allocates nothing per request. A flush goes to the one engine, so it covers writes completed through
+// are an array with a free list, and the gathering and mailbox arrays are reused, so once warm the proxy
+// path allocates nothing per request. A flush goes to the one engine, so it covers writes completed through
 // every loop (multi-conn stays honest).
 //
 // Threads: a ProxyDevice is confined to its loop k. A ProxyLink's stored properties are immutable; its
@@ -49,17 +52,23 @@ struct ProxyCompletion: @unchecked Sendable {
 }
 
 /// The owner loop's half of one (export, requesting loop) pair.
-final class ProxyLink: BlockIOHandler, @unchecked Sendable {
-    /// The real device; owner loop only.
+final class ProxyLink: BlockIOHandler, TurnEndTask, @unchecked Sendable {
+    /// The real device and the loop it runs on; owner loop only.
     private let device: BlockDevice
+    private let ownerLoop: EventLoop
     private let completions: Mailbox<ProxyCompletion>
     /// The requesting half; unretained (it owns this link).
     fileprivate let proxy: Unmanaged<ProxyDevice>
+    /// Completions of this turn, posted at its end; owner loop only.
+    @exclusivity(unchecked) private var gathered: [ProxyCompletion] = []
+    @exclusivity(unchecked) private var flushScheduled = false
 
-    fileprivate init(device: BlockDevice, completions: Mailbox<ProxyCompletion>, proxy: ProxyDevice) {
+    fileprivate init(device: BlockDevice, ownerLoop: EventLoop, completions: Mailbox<ProxyCompletion>, proxy: ProxyDevice) {
         self.device = device
+        self.ownerLoop = ownerLoop
         self.completions = completions
         self.proxy = Unmanaged.passUnretained(proxy)
+        gathered.reserveCapacity(64)
     }
 
     /// Runs a batch of requests on the owner loop (the owner's request mailbox handler).
@@ -93,17 +102,30 @@ final class ProxyLink: BlockIOHandler, @unchecked Sendable {
 
     /// Owner loop: the real device finished; the outcome goes back to the requesting loop.
     func blockIOCompleted(tag: UInt64, outcome: BlockOutcome) {
-        completions.post(ProxyCompletion(proxy: proxy, slot: UInt32(truncatingIfNeeded: tag), outcome: outcome))
+        gathered.append(ProxyCompletion(proxy: proxy, slot: UInt32(truncatingIfNeeded: tag), outcome: outcome))
+        if !flushScheduled {
+            flushScheduled = true
+            ownerLoop.runAtTurnEnd(self)
+        }
+    }
+
+    func runAtTurnEnd() {
+        flushScheduled = false
+        completions.post(draining: &gathered)
     }
 }
 
 /// The export's device on a loop that does not own the engine; see the file comment.
-final class ProxyDevice: BlockDevice {
+final class ProxyDevice: BlockDevice, TurnEndTask {
     let size: UInt64
     let capabilities: BlockCapabilities
     let summary: String
     private let requests: Mailbox<ProxyRequest>
+    private let loop: EventLoop
     private var link: ProxyLink!
+    /// Requests of this turn, posted at its end.
+    @exclusivity(unchecked) private var gathered: [ProxyRequest] = []
+    @exclusivity(unchecked) private var flushScheduled = false
 
     private struct Slot {
         /// The connection waiting for this request; it outlives the request (see the file comment).
@@ -118,15 +140,23 @@ final class ProxyDevice: BlockDevice {
     @exclusivity(unchecked) private(set) var inFlight = 0
 
     /// Made on the owner loop (it reads `device`'s properties), used on the requesting loop from then on.
-    /// `requests`: the owner loop's mailbox; `completions`: the requesting loop's.
-    init(device: BlockDevice, requests: Mailbox<ProxyRequest>, completions: Mailbox<ProxyCompletion>) {
+    /// `requests`: the owner loop's mailbox; `completions`: the requesting loop's (`loop`).
+    init(device: BlockDevice, ownerLoop: EventLoop, requests: Mailbox<ProxyRequest>,
+         loop: EventLoop, completions: Mailbox<ProxyCompletion>) {
         size = device.size
         capabilities = device.capabilities
         summary = device.summary
         self.requests = requests
+        self.loop = loop
         slots.reserveCapacity(256)
         freeSlots.reserveCapacity(256)
-        link = ProxyLink(device: device, completions: completions, proxy: self)
+        gathered.reserveCapacity(64)
+        link = ProxyLink(device: device, ownerLoop: ownerLoop, completions: completions, proxy: self)
+    }
+
+    func runAtTurnEnd() {
+        flushScheduled = false
+        requests.post(draining: &gathered)
     }
 
     /// Runs a batch of completions on the requesting loop (that loop's completion mailbox handler).
@@ -157,8 +187,12 @@ final class ProxyDevice: BlockDevice {
             slots.append(Slot(handler: handler, tag: tag))
         }
         inFlight += 1
-        requests.post(ProxyRequest(link: .passUnretained(link), operation: operation, flags: flags, slot: slot,
-                                   offset: offset, length: length, buffer: buffer))
+        gathered.append(ProxyRequest(link: .passUnretained(link), operation: operation, flags: flags, slot: slot,
+                                     offset: offset, length: length, buffer: buffer))
+        if !flushScheduled {
+            flushScheduled = true
+            loop.runAtTurnEnd(self)
+        }
     }
 
     func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, tag: UInt64, handler: BlockIOHandler) {

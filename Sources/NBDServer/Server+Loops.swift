@@ -52,8 +52,8 @@ extension Server {
             if device == nil { log.warning("export \"\(export.name)\": loop \(worker.index) proxies it (the file did not open again)") }
         }
         let view = Export(configuration: export.configuration,
-                          device: device ?? ProxyDevice(device: export.device, requests: proxyRequests!,
-                                                        completions: worker.proxyCompletions),
+                          device: device ?? ProxyDevice(device: export.device, ownerLoop: loop, requests: proxyRequests!,
+                                                        loop: worker.loop, completions: worker.proxyCompletions),
                           usage: export.usage)
         view.access = export.access
         return view

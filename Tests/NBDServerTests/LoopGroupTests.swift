@@ -123,6 +123,17 @@ private func check(_ path: String) -> Int32 {
         }
     }
 
+    /// `loops = N` in [generic]: 1...64, a restart-only setting; absent means one per CPU.
+    @Test func loopsKey() throws {
+        let c = try ConfigFile.parse("[generic]\nloops = 3\n[d]\nexportname = /d.img\n", file: "t.conf")
+        #expect(c.loops == 3 && c.effectiveLoops == 3)
+        let d = try ConfigFile.parse("[generic]\n[d]\nexportname = /d.img\n", file: "t.conf")
+        #expect(d.loops == nil && d.effectiveLoops == min(sysconf(Int32(_SC_NPROCESSORS_ONLN)), 64))
+        #expect(d.restartOnlyDifferences(from: c) == (d.effectiveLoops == 3 ? [] : ["loops"]))
+        #expect(throws: ConfigError.self) { try ConfigFile.parse("[generic]\nloops = 0\n[d]\nexportname = /d.img\n", file: "t.conf") }
+        #expect(throws: ConfigError.self) { try ConfigFile.parse("[generic]\nloops = 65\n[d]\nexportname = /d.img\n", file: "t.conf") }
+    }
+
     /// maxconnections = 2 counts connections on every loop, and a client leaving a worker loop frees
     /// its place.
     @Test func maxConnectionsCountsEveryLoop() throws {
@@ -144,8 +155,9 @@ private func check(_ path: String) -> Int32 {
         #expect(server.shutdown() == 0)
     }
 
-    /// Shutdown with requests still being served on a worker loop: they are answered, then the server
-    /// stops with status 0.
+    /// Shutdown while a worker loop's connection has writes in flight through the proxy: whatever the
+    /// server read is answered (successfully), both loops' clients are closed, the server stops with
+    /// status 0 and the qcow2 image, closed on its owner loop, checks clean.
     @Test func shutdownDrainsEveryLoop() throws {
         let server = try LoopServer(loops: 2, qcow2: true)
         let a = try connected(server)
@@ -154,18 +166,17 @@ private func check(_ path: String) -> Int32 {
             b.request(.write, cookie: UInt64(i), offset: UInt64(i) * 65536, length: 4096,
                       payload: [UInt8](repeating: 0x5a, count: 4096))
         }
+        #expect(b.reply(dataLength: { _ in 0 })?.error == 0)   // the worker is serving them
         let stopped = DispatchSemaphore(value: 0)
         let status = LockedStatus()
         Thread { status.set(server.shutdown()); stopped.signal() }.start()
-        var answered = 0
+        var answered = 1
         while let reply = b.reply(dataLength: { _ in 0 }) {
             #expect(reply.error == 0)
             answered += 1
-            if answered == 32 { break }
         }
-        #expect(answered == 32)
+        #expect(answered <= 32)
         #expect(a.waitForPeerClose(seconds: 10))
-        #expect(b.waitForPeerClose(seconds: 10))
         #expect(stopped.wait(timeout: .now() + 30) == .success)
         #expect(status.value == 0)
         #expect(check(server.imagePath) == 0)

@@ -117,7 +117,7 @@ private struct Handed<T>: @unchecked Sendable { let value: T }
         }
         ownerReady.wait()
         let device = deviceBox.withLock { $0!.value }
-        let proxy = ProxyDevice(device: device, requests: requests, completions: completions)
+        let proxy = ProxyDevice(device: device, ownerLoop: ownerLoop, requests: requests, loop: requesterLoop, completions: completions)
         #expect(proxy.size == device.size && proxy.summary == "memory" && proxy.capabilities == device.capabilities)
 
         // The script: 8 writes of distinct bytes (two with FUA), a flush that completes them, 8 reads
