@@ -12,7 +12,7 @@ extension ConfigFile {
     /// Keys of [generic].
     static let genericKeys = [
         "port", "listenaddr", "unixsock", "duallisten", "user", "group", "allowlist", "includedir",
-        "maxconnections", "max_threads", "threads", "handshake-timeout", "send-timeout", "aio",
+        "maxconnections", "max_threads", "threads", "loops", "aio", "handshake-timeout", "send-timeout",
         "tls", "tls-certificates", "tls-psk", "tls-verify-peer", "tls-authz-file", "tls-priority",
     ]
     /// Keys of an export section. `listenaddr` is accepted and ignored there, as nbd-server does.
@@ -77,6 +77,7 @@ extension ConfigFile {
                     case .success(let backend): configuration.aio = backend
                     case .failure(let error): throw ConfigError(file: entry.file, line: entry.line, error.description)
                     }
+                case "loops": configuration.loops = try integer(entry, 1...ServerConfiguration.maximumLoops)
                 case "handshake-timeout":
                     configuration.connectionLimits.handshakeTimeoutMilliseconds = UInt64(try integer(entry, 1...86_400)) * 1000
                 case "send-timeout":

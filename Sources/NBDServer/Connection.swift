@@ -48,7 +48,7 @@ final class Connection {
     /// which costs a retain/release pair per use. Plaintext replies call the socket directly (callgrind,
     /// 4k reads at QD1: an existential `stream` cost ~60 instructions per request more than main).
     @exclusivity(unchecked) private var usesTLS = false
-    private unowned let server: Server
+    private unowned let server: any ConnectionOwner
     private let exports: ExportTable
     /// Bytes the client sent, for the server's close log line (bytes sent: stream.bytesWritten).
     private(set) var bytesReceived: UInt64 = 0
@@ -95,7 +95,7 @@ final class Connection {
     private var nextHandshakeWrite: UInt64 = 0
     private static let handshakeContextBit: UInt64 = 1 << 63
 
-    init(id: Int, stream: SocketStream, server: Server, exports: ExportTable, pool: BufferPool, log: Logger,
+    init(id: Int, stream: SocketStream, server: any ConnectionOwner, exports: ExportTable, pool: BufferPool, log: Logger,
          limits: ConnectionLimits, budget: MemoryBudget, loop: EventLoop, tls: TLSCredentials? = nil,
          tlsPolicy: TLSPolicy = .off) {
         self.id = id

@@ -10,8 +10,9 @@ public final class Export {
     public let configuration: ExportConfiguration
     /// Who may connect; replaced on reload without reopening the image.
     var access = AccessList.everyone
-    /// Connections in transmission on this export.
-    var connectionCount = 0
+    /// Connections in transmission on this export, on every loop (shared with its views on other loops).
+    let usage: ExportUsage
+    var connectionCount: Int { usage.count }
 
     public convenience init(name: String, description: String, device: BlockDevice) {
         var configuration = ExportConfiguration(name: name, imagePath: "")
@@ -19,7 +20,13 @@ public final class Export {
         self.init(configuration: configuration, device: device)
     }
 
-    public init(configuration: ExportConfiguration, device: BlockDevice) {
+    public convenience init(configuration: ExportConfiguration, device: BlockDevice) {
+        self.init(configuration: configuration, device: device, usage: ExportUsage())
+    }
+
+    /// `usage`: shared with the same export's Export on the other loops.
+    init(configuration: ExportConfiguration, device: BlockDevice, usage: ExportUsage) {
+        self.usage = usage
         self.device = device
         self.configuration = configuration
         let caps = device.capabilities
@@ -116,8 +123,7 @@ public final class ExportTable {
               current.minimumBlockSize == negotiated.minimumBlockSize,
               current.maximumBlockSize == negotiated.maximumBlockSize,
               current.metaContexts == negotiated.metaContexts else { return nil }
-        if let limit = export.configuration.maximumConnections, export.connectionCount >= limit { return nil }
-        export.connectionCount += 1
+        guard export.usage.tryAttach(limit: export.configuration.maximumConnections) else { return nil }
         holders[id] = export
         return export
     }
@@ -125,7 +131,7 @@ public final class ExportTable {
     /// The export connection `id` held, now released.
     func detach(connection id: Int) -> Export? {
         guard let export = holders.removeValue(forKey: id) else { return nil }
-        export.connectionCount -= 1
+        export.usage.detach()
         return export
     }
 

@@ -47,13 +47,15 @@ extension Server {
         for old in exports.exports where !wanted.contains(old.name) {
             pendingChanges[old.name] = nil
             exports.replaceAll(exports.exports.filter { $0 !== old })
-            if old.connectionCount == 0 {
+            // Retired first: no loop may attach to it between this decision and its table update.
+            if old.usage.retire() == 0 {
                 log.info("reload: export \"\(old.name)\" removed")
                 closeExport(old)
             } else {
                 log.info("reload: export \"\(old.name)\" removed; it takes no new clients, and its image closes once its \(old.connectionCount) connection(s) end")
             }
         }
+        publishExports()
         // An export closing to reopen takes the newest settings when it reopens, or stays closed.
         for name in reopening {
             pendingChanges[name] = new.exports.first { $0.name == name }
@@ -90,12 +92,14 @@ extension Server {
             }
         }
         exportOrder = order
+        publishExports()
         log.info("reload done: \(exports.exports.count) export(s): \(exports.exports.map { "\"\($0.name)\"" }.joined(separator: ", "))")
     }
 
     /// The last connection holding `export` ended: close a removed image, apply waiting settings.
     func exportBecameIdle(_ export: Export) {
         guard !stopping else { return }
+        if reopenWhenIdle.remove(ObjectIdentifier(export)) != nil { return closeAndReopen(export) }
         if exports.exports.contains(where: { $0 === export }) {
             if pendingChanges[export.name] != nil {
                 log.info("export \"\(export.name)\": its last client left; reopening with the new settings")
@@ -112,7 +116,19 @@ extension Server {
         let name = export.name
         guard pendingChanges[name] != nil else { return }
         exports.replaceAll(exports.exports.filter { $0 !== export })
+        publishExports()
         reopening.insert(name)
+        if export.usage.retire() > 0 {
+            // A client on another loop attached before the export retired: reopen once it leaves.
+            reopenWhenIdle.insert(ObjectIdentifier(export))
+            return
+        }
+        closeAndReopen(export)
+    }
+
+    /// Closes a retired, idle `export` and opens its waiting configuration in its place.
+    private func closeAndReopen(_ export: Export) {
+        let name = export.name
         closeExport(export) { [unowned self] in
             self.reopening.remove(name)
             // A reload while the image closed may have changed the settings again, or removed it.
@@ -128,6 +144,7 @@ extension Server {
                 let replacement = try self.openExport(configuration, access: access)
                 self.openExports.append(replacement)
                 self.insert(replacement, order: self.exportOrder)
+                self.publishExports()
             } catch {
                 self.log.error("export \"\(configuration.name)\" could not reopen with its new settings: \(error)")
             }

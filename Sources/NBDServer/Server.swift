@@ -13,6 +13,15 @@
 // Shutdown (SIGINT/SIGTERM) runs in stages on the loop: stop accepting; let each connection finish and
 // answer what it was asked; close every open image; close the remaining handles so `run()` returns. A
 // timer bounds the wait for clients that never drain their replies.
+//
+// Several loops (`loops` > 1, see WorkerLoop.swift): this loop stays the main loop. It accepts, counts
+// and logs every connection, then keeps it or hands it to the worker loop with the fewest connections
+// (ties go to the lowest loop, so a lone client stays here, next to the qcow2 engines). Exports are
+// decided here as before; each worker gets views of them (`views`) and a new table whenever the table
+// changes (`publishExports`). An export retires (ExportUsage) before it leaves the table, so no loop
+// attaches to an image that is about to close; closing an export closes its views on every worker, then
+// the image here. Shutdown drains every loop's connections, closes the images, stops the workers and
+// joins their threads after this loop's run() returns.
 
 import BlockDevice
 import NBDProtocol
@@ -22,10 +31,10 @@ import UVCore
 import Glibc
 #endif
 
-public final class Server {
+public final class Server: ConnectionOwner {
     var configuration: ServerConfiguration
     let log: Logger
-    private let loop: EventLoop
+    let loop: EventLoop
     private let io: FileIO
     private let pool: BufferPool
     private let budget: MemoryBudget
@@ -43,10 +52,10 @@ public final class Server {
     /// Exports closing so they can reopen with new settings; the settings wait in `pendingChanges`.
     var reopening: Set<String> = []
     private var listeners: [Listener] = []
-    private var connections: [Int: Connection] = [:]
-    private var nextConnectionID = 1
+    var connections: [Int: Connection] = [:]
+    var nextConnectionID = 1
     /// When each connection was accepted (CLOCK_MONOTONIC ns), for its close line.
-    private var connectionStarts: [Int: UInt64] = [:]
+    var connectionStarts: [Int: UInt64] = [:]
     private var signals: [SignalWatcher] = []
     private var stopMailbox: Mailbox<Bool>?
     private var shutdownTimer: LoopTimer?
@@ -55,7 +64,21 @@ public final class Server {
     private var exitStatus: Int32 = 0
     private var pidFileDescriptor: Int32 = -1
     /// Loaded once at startup (before privileges are dropped: key files are often root's only).
-    private var tlsCredentials: TLSCredentials?
+    var tlsCredentials: TLSCredentials?
+    /// The other loops (none with one loop), in loop order: worker i is loop i + 1.
+    var workers: [WorkerLoop] = []
+    /// Reports from the workers (connections that ended, views closed).
+    var workerReports: Mailbox<WorkerReport>?
+    /// Requests the workers' proxies send to the engines this loop owns.
+    var proxyRequests: Mailbox<ProxyRequest>?
+    /// Connections served by a worker: connection id → loop index.
+    var workerConnections: [Int: Int] = [:]
+    /// Connections per loop (index 0: this one), to pick the loop for the next one.
+    var loopLoad: [Int] = [0]
+    /// Each open export's views on the workers (in `workers` order), by the export's identity.
+    var views: [ObjectIdentifier: [Export]] = [:]
+    /// Exports waiting for connections that attached just before they retired, to close and reopen.
+    var reopenWhenIdle: Set<ObjectIdentifier> = []
 
     public init(configuration: ServerConfiguration) throws(ServerError) {
         self.configuration = configuration
@@ -73,9 +96,13 @@ public final class Server {
         } catch {
             throw ServerError("--aio io_uring: \(error)")
         }
-        // The pool keeps freed buffers for reuse; a quarter of the budget is enough to avoid churn.
-        pool = BufferPool(maximumCachedBytes: configuration.memoryBudgetBytes / 4)
-        budget = MemoryBudget(limit: configuration.memoryBudgetBytes)
+        // Each loop gets an equal share of the budget (never less than two maximum payloads, so any
+        // request fits), and its pool keeps a quarter of that share for reuse.
+        let loopCount = configuration.effectiveLoops
+        let share = max(configuration.memoryBudgetBytes / loopCount, 2 * Int(Export.maximumPayload))
+        let loopBudget = loopCount == 1 ? configuration.memoryBudgetBytes : share
+        pool = BufferPool(maximumCachedBytes: loopBudget / 4)
+        budget = MemoryBudget(limit: loopBudget)
         exports = ExportTable([])
         exports.listAllowed = configuration.allowList
         try Self.checkImageConflicts(configuration.exports)
@@ -84,6 +111,7 @@ public final class Server {
         do throws(ServerError) {
             try preparePidFile()
             try Privileges.drop(user: configuration.user, group: configuration.group, log: log)
+            try makeWorkers(count: loopCount - 1, memoryBudgetBytes: loopBudget)
             // Authfiles are read as the user qnbd runs as, as a reload will read them.
             var accessLists: [AccessList] = []
             for export in configuration.exports { accessLists.append(try AccessList.load(export.authFile)) }
@@ -94,6 +122,7 @@ public final class Server {
             exports.replaceAll(opened)
             openExports = opened
             exportOrder = configuration.exports.map(\.name)
+            publishExports()
             try installSignalHandlers()
             do {
                 stopMailbox = try Mailbox<Bool>(loop: loop) { [unowned self] _ in self.beginShutdown() }
@@ -101,7 +130,9 @@ public final class Server {
                 throw ServerError("cannot create the stop mailbox: \(error)")
             }
             try writePidFile()
+            for worker in workers { try worker.start() }
         } catch {
+            stopWorkersAfterFailure()
             for l in listeners { l.close() }
             listeners.removeAll()
             for s in signals { s.close() }
@@ -115,6 +146,7 @@ public final class Server {
         // Said once serving, so a refused image stays the one line a failed start prints.
         if let aioNote { log.info(aioNote) }
         for listener in listeners { log.info("listening on \(listener.localDescription)") }
+        if !workers.isEmpty { log.info("\(workers.count + 1) event loops") }
         if let problem = notify.send("READY=1\nSTATUS=serving \(exports.exports.count) export(s)\nMAINPID=\(getpid())") {
             log.warning(problem)
         }
@@ -132,6 +164,7 @@ public final class Server {
     /// Runs the loop until shutdown completes; returns the process exit status.
     public func run() -> Int32 {
         loop.run()
+        for worker in workers { worker.join() }
         io.close()
         do {
             try loop.close()
@@ -149,6 +182,7 @@ public final class Server {
         let device = try ImageOpener.open(configuration, io: io, log: log.labelled("export \"\(configuration.name)\""))
         let export = Export(configuration: configuration, device: device)
         export.access = access
+        if !workers.isEmpty { views[ObjectIdentifier(export)] = workers.map { makeView(of: export, on: $0) } }
         let origin = configuration.origin.isEmpty ? "" : " (\(configuration.origin))"
         log.info("serving \(device.summary)\(configuration.readOnly ? " read-only" : "") as export \"\(configuration.name)\"\(origin)")
         return export
@@ -171,10 +205,12 @@ public final class Server {
         }
     }
 
-    /// Flushes and closes an export's image; `then` runs once it is closed (not during shutdown).
+    /// Flushes and closes an export's image (and its views on the other loops: no connection holds any
+    /// of them now); `then` runs once all are closed (not during shutdown).
     func closeExport(_ export: Export, then: (() -> Void)? = nil) {
         openExports.removeAll { $0 === export }
-        let closer = ExportCloser(export: export) { [unowned self] closer, outcome in
+        let exportViews = views.removeValue(forKey: ObjectIdentifier(export)) ?? []
+        let closer = ExportCloser(export: export, parts: 1 + exportViews.count) { [unowned self] closer, outcome in
             self.closers.removeValue(forKey: ObjectIdentifier(closer.export))
             if case .failed(let error) = outcome {
                 self.log.error("export \"\(closer.export.name)\": closing the image failed: \(error)")
@@ -186,6 +222,11 @@ public final class Server {
             self.finishStopIfDone()
         }
         closers[ObjectIdentifier(export)] = closer
+        // One view per worker, in worker order; each worker closes its own (the qcow2 image below is
+        // closed here, on its owner loop, while the proxies are idle).
+        for (worker, view) in zip(workers, exportViews) {
+            worker.inbox.post(.closeViews([view], token: ObjectIdentifier(export)))
+        }
         export.device.close(tag: 0, handler: closer)
     }
 
@@ -310,16 +351,18 @@ public final class Server {
         let timer = LoopTimer(loop: loop)
         timer.start(afterMilliseconds: 30_000) { [unowned self] in
             self.log.warning("clients did not finish within 30 s; closing their connections")
+            for worker in self.workers { worker.inbox.post(.forceClose) }
             for (_, c) in self.connections { c.close() }
         }
         timer.unref()
         shutdownTimer = timer
+        for worker in workers { worker.inbox.post(.shutdown) }
         for (_, c) in connections { c.beginShutdown() }
         finishShutdownIfIdle()
     }
 
-    private func finishShutdownIfIdle() {
-        guard stopping, connections.isEmpty, !imagesClosing else { return }
+    func finishShutdownIfIdle() {
+        guard stopping, connections.isEmpty, workerConnections.isEmpty, !imagesClosing else { return }
         imagesClosing = true
         shutdownTimer?.close()
         shutdownTimer = nil
@@ -334,19 +377,28 @@ public final class Server {
         signals.removeAll()
         stopMailbox?.close()
         stopMailbox = nil
+        for worker in workers { worker.inbox.post(.stop) }
+        workerReports?.close()
+        workerReports = nil
+        proxyRequests?.close()
+        proxyRequests = nil
         if let pidFile = configuration.pidFile { unlink(pidFile) }
         log.info("stopped")
     }
 
     func connectionDidFinish(_ connection: Connection) {
         guard connections.removeValue(forKey: connection.id) != nil else { return }
+        loopLoad[0] -= 1
         let export = exports.detach(connection: connection.id)
         let started = connectionStarts.removeValue(forKey: connection.id) ?? 0
         log.info(ConnectionReport.closed(connection, export: export?.name, startedAt: started))
-        log.debug("\(connections.count) connection(s) left")
+        log.debug("\(connectionCount) connection(s) left")
         if let export, export.connectionCount == 0 { exportBecameIdle(export) }
         finishShutdownIfIdle()
     }
+
+    /// Connections on every loop.
+    private var connectionCount: Int { connections.count + workerConnections.count }
 }
 
 extension Server {
@@ -399,25 +451,32 @@ extension Server {
 extension Server: ListenerDelegate {
     public func listener(_ listener: Listener, didAccept stream: SocketStream) {
         guard !stopping else { return stream.close() }
-        guard connections.count < configuration.maximumConnections else {
+        guard connectionCount < configuration.maximumConnections else {
             log.warning("refusing \(stream.peerDescription): \(configuration.maximumConnections) connections already (maxconnections)")
             return stream.close()
         }
         stream.setNoDelay(true)
         let id = nextConnectionID
         nextConnectionID += 1
+        let target = loopForNextConnection()
+        if target > 0 { return handOver(stream, id: id, to: target, listener: listener) }
+        loopLoad[0] += 1
         let connection = Connection(id: id, stream: stream, server: self, exports: exports, pool: pool, log: log,
                                     limits: configuration.connectionLimits, budget: budget, loop: loop,
                                     tls: tlsCredentials, tlsPolicy: configuration.effectiveTLSMode)
         connections[id] = connection
         connectionStarts[id] = ConnectionReport.now
-        log.info("connection \(id) from \(stream.peerDescription) on \(listener.localDescription)")
-        let refused = exports.exports.filter { !$0.access.allows(peerDescription: stream.peerDescription) }
+        logAccepted(id: id, peer: stream.peerDescription, on: listener)
+        connection.start()
+    }
+
+    func logAccepted(id: Int, peer: String, on listener: Listener, loop index: Int = 0) {
+        log.info("connection \(id) from \(peer) on \(listener.localDescription)" + (index > 0 ? " (loop \(index))" : ""))
+        let refused = exports.exports.filter { !$0.access.allows(peerDescription: peer) }
         if !refused.isEmpty {
-            log.warning("connection \(id) from \(stream.peerDescription): refused export(s) "
+            log.warning("connection \(id) from \(peer): refused export(s) "
                         + refused.map { "\"\($0.name)\"" }.joined(separator: ", ") + " by their authfile")
         }
-        connection.start()
     }
 
     public func listener(_ listener: Listener, didFailToAcceptWith error: UVError) {
@@ -425,15 +484,23 @@ extension Server: ListenerDelegate {
     }
 }
 
-/// Receives the completion of one export's final flush and close.
+/// Receives the completion of one export's final flush and close: its image here and its views on the
+/// other loops (`parts` in all); the first failure is the outcome.
 final class ExportCloser: BlockIOHandler {
     let export: Export
+    private var remaining: Int
+    private var outcome = BlockOutcome.done
     private let done: (ExportCloser, BlockOutcome) -> Void
 
-    init(export: Export, done: @escaping (ExportCloser, BlockOutcome) -> Void) {
+    init(export: Export, parts: Int = 1, done: @escaping (ExportCloser, BlockOutcome) -> Void) {
         self.export = export
+        self.remaining = parts
         self.done = done
     }
 
-    func blockIOCompleted(tag: UInt64, outcome: BlockOutcome) { done(self, outcome) }
+    func blockIOCompleted(tag: UInt64, outcome: BlockOutcome) {
+        if case .failed = outcome, case .done = self.outcome { self.outcome = outcome }
+        remaining -= 1
+        if remaining == 0 { done(self, self.outcome) }
+    }
 }

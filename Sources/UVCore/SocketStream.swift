@@ -148,22 +148,43 @@ public final class SocketStream {
 
     /// Accepts one pending connection from `server`. On failure the fresh handle is
     /// closed and freed by libuv's close callback; no SocketStream exists.
-    init(acceptingFrom server: UnsafeMutablePointer<uv_stream_t>, kind: Kind) throws(UVError) {
-        let loop = server.pointee.loop
-        let memory: UnsafeMutableRawPointer
-        switch kind {
-        case .tcp:
-            memory = allocateHandle(uv_tcp_t.self)
-            precondition(uv_tcp_init(loop, memory.asTCP) == 0)
-        case .pipe:
-            memory = allocateHandle(uv_pipe_t.self)
-            precondition(uv_pipe_init(loop, memory.asPipe, 0) == 0)
-        }
+    convenience init(acceptingFrom server: UnsafeMutablePointer<uv_stream_t>, kind: Kind) throws(UVError) {
+        let memory = Self.allocate(kind, on: server.pointee.loop)
         let rc = uv_accept(server, memory.asStream)
         if rc < 0 {
             closeAndFree(memory)
             throw UVError(code: rc)
         }
+        self.init(connected: memory, kind: kind)
+    }
+
+    /// Takes over a connected socket another loop handed over (see `handOver()`); on failure the fd is
+    /// closed.
+    public convenience init(adopting socket: HandedOverSocket, loop: EventLoop) throws(UVError) {
+        let memory = Self.allocate(socket.kind, on: loop.raw)
+        let rc = socket.kind == .tcp ? uv_tcp_open(memory.asTCP, socket.fd) : uv_pipe_open(memory.asPipe, socket.fd)
+        if rc < 0 {
+            Glibc.close(socket.fd)
+            closeAndFree(memory)
+            throw UVError(code: rc)
+        }
+        self.init(connected: memory, kind: socket.kind)
+    }
+
+    private static func allocate(_ kind: Kind, on loop: UnsafeMutablePointer<uv_loop_t>) -> UnsafeMutableRawPointer {
+        switch kind {
+        case .tcp:
+            let memory = allocateHandle(uv_tcp_t.self)
+            precondition(uv_tcp_init(loop, memory.asTCP) == 0)
+            return memory
+        case .pipe:
+            let memory = allocateHandle(uv_pipe_t.self)
+            precondition(uv_pipe_init(loop, memory.asPipe, 0) == 0)
+            return memory
+        }
+    }
+
+    private init(connected memory: UnsafeMutableRawPointer, kind: Kind) {
         switch kind {
         case .tcp:
             var storage = sockaddr_storage()
@@ -179,6 +200,18 @@ public final class SocketStream {
         self.memory = memory
         freeWriteRequests.reserveCapacity(8)
         memory.asHandle.pointee.data = Unmanaged.passRetained(self).toOpaque()
+    }
+
+    /// Gives the connected socket to another loop: a duplicate of its fd comes back (socket options
+    /// such as TCP_NODELAY go with it) and this stream closes. Only before any read or write, and with
+    /// no delegate set. Nil if the fd cannot be duplicated (the stream is closed either way).
+    public func handOver() -> HandedOverSocket? {
+        precondition(delegate == nil && bytesAccepted == 0, "a stream is handed over before it is used")
+        var fd: uv_os_fd_t = -1
+        var copy: Int32 = -1
+        if uv_fileno(handle, &fd) == 0 { copy = fcntl(fd, F_DUPFD_CLOEXEC, 0) }
+        close()
+        return copy >= 0 ? HandedOverSocket(fd: copy, kind: kind, peerDescription: peerDescription) : nil
     }
 
     deinit {
@@ -504,6 +537,14 @@ public final class SocketStream {
 }
 
 extension SocketStream: ByteStream {}
+
+/// A connected socket on its way from one loop to another: an fd nobody's loop watches yet.
+public struct HandedOverSocket: Sendable {
+    public let fd: Int32
+    let kind: SocketStream.Kind
+    /// The peer, as the stream that accepted it described it.
+    public let peerDescription: String
+}
 
 extension SocketStream: TurnEndTask {
     public func runAtTurnEnd() {

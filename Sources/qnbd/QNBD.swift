@@ -103,6 +103,9 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: "Threads for file I/O that cannot be served from the page cache (default 16).")
     var threads: Int?
 
+    @Option(name: .long, help: "Event loops, one thread each; connections are spread over them (default 1 for now; up to 64).")
+    var loops: Int?
+
     @Option(name: .long, help: ArgumentHelp(
         "File I/O backend: io_uring or threads (default: io_uring when the kernel allows it).", valueName: "MODE"))
     var aio: String?
@@ -170,6 +173,9 @@ struct Serve: ParsableCommand {
         if let maxConnections, maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
         if let threads, !(1...1024).contains(threads) { throw ValidationError("--threads must be between 1 and 1024") }
         if let aio, case .failure(let error) = FileIOBackend.parse(aio: aio) { throw ValidationError("--\(error.description)") }
+        if let loops, !(1...ServerConfiguration.maximumLoops).contains(loops) {
+            throw ValidationError("--loops must be between 1 and \(ServerConfiguration.maximumLoops)")
+        }
         if let handshakeTimeout, handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1 second") }
         if let sendTimeout, !(0...86_400).contains(sendTimeout) { throw ValidationError("--send-timeout must be between 0 and 86400 seconds") }
         if let cacheSize, ServerConfiguration.parseSize(cacheSize) == nil {
@@ -204,12 +210,14 @@ struct Serve: ParsableCommand {
         let changesTLS = tlsCertificates != nil || tlsPsk != nil || tlsVerifyPeer || !tlsAuthz.isEmpty || tlsPriority != nil
         let (maxConnections, threads, handshakeTimeout, sendTimeout, pidFile) = (maxConnections, threads, handshakeTimeout, sendTimeout, pidFile)
         let aioBackend = aio.flatMap { try? FileIOBackend.parse(aio: $0).get() }
+        let loops = loops
         let level: Logger.Level? = logLevel.flatMap(Logger.Level.init(name:)) ?? (verbose > 0 ? [.debug, .trace][min(verbose, 2) - 1] : nil)
         return { configuration in
             if let listenOverride { configuration.listen = listenOverride }
             if let maxConnections { configuration.maximumConnections = maxConnections }
             if let threads { configuration.threadPoolSize = threads }
             if let aioBackend { configuration.aio = aioBackend }
+            if let loops { configuration.loops = loops }
             if let handshakeTimeout { configuration.connectionLimits.handshakeTimeoutMilliseconds = UInt64(handshakeTimeout) * 1000 }
             if let sendTimeout { configuration.connectionLimits.sendTimeoutMilliseconds = UInt64(sendTimeout) * 1000 }
             if let pidFile { configuration.pidFile = pidFile }

@@ -49,6 +49,14 @@ class ServerStartError(AssertionError):
     pass
 
 
+def loops_arguments(extra):
+    """QNBD_LOOPS=N runs every launched server with --loops N (unless the test sets --loops itself)."""
+    loops = os.environ.get("QNBD_LOOPS")
+    if not loops or any(str(a).startswith("--loops") for a in extra):
+        return []
+    return ["--loops", loops]
+
+
 class Server:
     """One `qnbd serve IMAGE ...` process on a unix socket (default) or TCP 127.0.0.1:0."""
 
@@ -86,7 +94,7 @@ class Server:
             a += ["-D", self.description]
         if self.read_only:
             a += ["-r"]
-        return a + aio_args() + self.extra
+        return a + aio_args() + loops_arguments(self.extra) + self.extra
 
     def start(self, wait=True, timeout=20):
         with contextlib.suppress(FileNotFoundError):
@@ -223,7 +231,7 @@ class ConfigServer(Server):
             a += ["--bind", self.bind, "--port", str(self.requested_port)]
         elif self.socket_path:
             a += ["--socket", self.socket_path]
-        return a + aio_args() + self.extra
+        return a + aio_args() + loops_arguments(self.extra) + self.extra
 
 
 def aio_args():
