@@ -36,15 +36,7 @@ def qemu_img(*args, cwd=None, check=True):
     return T.run(["qemu-img"] + list(args), timeout=120, check=check, cwd=cwd)
 
 
-def merged(runs):
-    """(start, length, dirty) runs with neighbours of one kind joined."""
-    out = []
-    for start, length, dirty in runs:
-        if out and out[-1][2] == dirty and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], out[-1][1] + length, dirty)
-        else:
-            out.append((start, length, dirty))
-    return out
+merged = T.merged_runs
 
 
 def expected_runs(writes, granularity, size=SIZE):

@@ -40,15 +40,7 @@ def qemu_img(*args, check=True):
     return T.run(["qemu-img"] + list(args), timeout=120, check=check)
 
 
-def merged(runs):
-    """(offset, length, dirty) runs with neighbours of one kind joined."""
-    out = []
-    for start, length, dirty in runs:
-        if out and out[-1][2] == dirty and out[-1][0] + out[-1][1] == start:
-            out[-1] = (out[-1][0], out[-1][1] + length, dirty)
-        else:
-            out.append((start, length, dirty))
-    return out
+merged = T.merged_runs
 
 
 def nbdinfo_map(uri, context):

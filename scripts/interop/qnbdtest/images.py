@@ -93,3 +93,14 @@ def flags_at(extents, offset):
         if off <= offset < off + length:
             return flags, off + length
     raise KeyError(offset)
+
+
+def merged_runs(runs):
+    """(start, length, dirty) runs with neighbours of one kind joined."""
+    out = []
+    for start, length, dirty in runs:
+        if out and out[-1][2] == dirty and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + length, dirty)
+        else:
+            out.append((start, length, dirty))
+    return out
