@@ -88,7 +88,7 @@ class BitmapCase(T.QnbdTestCase):
                                     stdout=subprocess.DEVNULL, stderr=err)
         try:
             deadline = time.time() + 20
-            while not os.path.exists(sock):
+            while not T.unix_socket_accepts(sock):
                 if proc.poll() is not None or time.time() > deadline:
                     with open(log, errors="replace") as f:
                         self.fail("qemu-nbd did not start: %s" % f.read())
