@@ -63,6 +63,8 @@ public final class Server: ConnectionOwner {
     private var imagesClosing = false
     private var exitStatus: Int32 = 0
     private var pidFileDescriptor: Int32 = -1
+    /// Whether this process created the pid file (a failed start removes only its own).
+    private var pidFileCreated = false
     /// Loaded once at startup (before privileges are dropped: key files are often root's only).
     var tlsCredentials: TLSCredentials?
     /// The other loops (none with one loop), in loop order: worker i is loop i + 1.
@@ -105,10 +107,10 @@ public final class Server: ConnectionOwner {
         budget = MemoryBudget(limit: loopBudget)
         exports = ExportTable([])
         exports.listAllowed = configuration.allowList
-        try Self.checkImageConflicts(configuration.exports)
-        tlsCredentials = try Self.loadTLS(configuration, log: log)
-        try listen()
         do throws(ServerError) {
+            try Self.checkImageConflicts(configuration.exports)
+            tlsCredentials = try Self.loadTLS(configuration, log: log)
+            try listen()
             try preparePidFile()
             try Privileges.drop(user: configuration.user, group: configuration.group, log: log)
             try makeWorkers(count: loopCount - 1, memoryBudgetBytes: loopBudget)
@@ -137,10 +139,13 @@ public final class Server: ConnectionOwner {
             listeners.removeAll()
             for s in signals { s.close() }
             signals.removeAll()
+            stopMailbox?.close()
+            stopMailbox = nil
             if pidFileDescriptor >= 0 { Glibc.close(pidFileDescriptor) }
-            if let pidFile = configuration.pidFile { unlink(pidFile) }
+            if pidFileCreated, let pidFile = configuration.pidFile { unlink(pidFile) }
+            // Every handle made so far must finish closing, or the loop cannot close and leaks.
             io.close()
-            loop.runNoWait()
+            try? loop.close()
             throw error
         }
         // Said once serving, so a refused image stays the one line a failed start prints.
@@ -301,6 +306,7 @@ public final class Server: ConnectionOwner {
         guard pidFileDescriptor >= 0 else {
             throw ServerError("cannot write pid file \(path): \(String(cString: strerror(errno)))")
         }
+        pidFileCreated = true
     }
 
     private func writePidFile() throws(ServerError) {
@@ -322,6 +328,7 @@ public final class Server: ConnectionOwner {
         guard rename(tmp, path) == 0 else {
             throw ServerError("cannot write pid file \(path): \(String(cString: strerror(errno)))")
         }
+        pidFileCreated = true
     }
 
     private func installSignalHandlers() throws(ServerError) {

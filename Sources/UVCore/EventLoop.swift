@@ -102,12 +102,18 @@ public final class EventLoop {
 
     /// Closes the turn-end handle and lets libuv finish closing it (one non-blocking turn, which runs
     /// the closing phase), then frees it; a later `runAtTurnEnd` would make a new one.
+    /// Closes the turn-end handle, then runs one non-blocking pass so that every handle whose close
+    /// was requested since the loop last ran (the turn-end handle, a FileIO ring's poll handle closed
+    /// after `run()` returned) gets its close callback and stops counting as open.
     private func closeTurnEndHandle() {
-        guard let handle = turnEnd, turnEndTasks.isEmpty, runningTasks.isEmpty else { return }
-        uv_close(UnsafeMutableRawPointer(handle).assumingMemoryBound(to: uv_handle_t.self), nil)
-        uv_run(raw, UV_RUN_NOWAIT)
-        handle.deallocate()
-        turnEnd = nil
+        if let handle = turnEnd, turnEndTasks.isEmpty, runningTasks.isEmpty {
+            uv_close(UnsafeMutableRawPointer(handle).assumingMemoryBound(to: uv_handle_t.self), nil)
+            uv_run(raw, UV_RUN_NOWAIT)
+            handle.deallocate()
+            turnEnd = nil
+        } else {
+            uv_run(raw, UV_RUN_NOWAIT)
+        }
     }
 
     /// Runs until no active, referenced handles or requests remain, or `stop()` is called.
@@ -141,8 +147,8 @@ public final class EventLoop {
         uv_update_time(raw)
     }
 
-    /// Releases the loop's resources. Fails with EBUSY while any handle is open or its
-    /// close callback has not run yet: run the loop until it stops first.
+    /// Releases the loop's resources. Handles already being closed finish closing here; fails with
+    /// EBUSY while any handle is still open: close them and let the loop stop first.
     public func close() throws(UVError) {
         guard !isClosed else { return }
         // Waiting turn-end tasks mean the loop was stopped mid-work: busy, like an open handle.
