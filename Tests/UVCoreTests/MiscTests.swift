@@ -177,9 +177,7 @@ import Testing
         let timer = LoopTimer(loop: loop)
         #expect(throws: UVError(code: -EBUSY)) { try loop.close() }
         timer.close()
-        // The close callback has not run yet: still busy.
-        #expect(throws: UVError(code: -EBUSY)) { try loop.close() }
-        #expect(loop.runOnce() == false)
+        // A handle whose close was requested finishes closing inside close(); the loop needs no run.
         try loop.close()
         try loop.close()   // idempotent
     }
