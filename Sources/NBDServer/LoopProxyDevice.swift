@@ -29,7 +29,7 @@ import BlockDevice
 import UVCore
 
 enum ProxyOperation: UInt8 {
-    case read, write, writeZeroes, trim, flush, cache, blockStatus
+    case read, write, writeZeroes, trim, flush, cache, blockStatus, dirtyBitmapStatus
 }
 
 /// One request on its way to the owner loop.
@@ -38,6 +38,8 @@ struct ProxyRequest: @unchecked Sendable {
     let operation: ProxyOperation
     /// FUA for write and trim; ZeroOptions' raw value for writeZeroes.
     let flags: UInt8
+    /// dirtyBitmapStatus: the bitmap's index in the device's `dirtyBitmaps` (qcow2 allows 65535).
+    var bitmap: UInt16 = 0
     let slot: UInt32
     let offset: UInt64
     let length: UInt64
@@ -97,6 +99,11 @@ final class ProxyLink: BlockIOHandler, TurnEndTask, @unchecked Sendable {
             device.cache(offset: r.offset, length: r.length, tag: tag, handler: self)
         case .blockStatus:
             device.blockStatus(offset: r.offset, length: r.length, tag: tag, handler: self)
+        case .dirtyBitmapStatus:
+            // The proxy only asks for bitmaps it copied from this device, so the index is in range.
+            let bitmaps = device as! DirtyBitmapDevice
+            bitmaps.dirtyBitmapStatus(name: bitmaps.dirtyBitmaps[Int(r.bitmap)].name, offset: r.offset, length: r.length,
+                                      tag: tag, handler: self)
         }
     }
 
@@ -115,11 +122,13 @@ final class ProxyLink: BlockIOHandler, TurnEndTask, @unchecked Sendable {
     }
 }
 
-/// The export's device on a loop that does not own the engine; see the file comment.
-final class ProxyDevice: BlockDevice, TurnEndTask {
+/// The export's device on a loop that does not own the engine; see the file comment. It serves the
+/// device's dirty bitmaps too (none if the device keeps none), so qemu:dirty-bitmap works on every loop.
+final class ProxyDevice: DirtyBitmapDevice, TurnEndTask {
     let size: UInt64
     let capabilities: BlockCapabilities
     let summary: String
+    let dirtyBitmaps: [DirtyBitmapInfo]
     private let requests: Mailbox<ProxyRequest>
     private let loop: EventLoop
     private var link: ProxyLink!
@@ -146,6 +155,7 @@ final class ProxyDevice: BlockDevice, TurnEndTask {
         size = device.size
         capabilities = device.capabilities
         summary = device.summary
+        dirtyBitmaps = (device as? DirtyBitmapDevice)?.dirtyBitmaps ?? []
         self.requests = requests
         self.loop = loop
         slots.reserveCapacity(256)
@@ -177,7 +187,7 @@ final class ProxyDevice: BlockDevice, TurnEndTask {
     }
 
     private func post(_ operation: ProxyOperation, offset: UInt64 = 0, length: UInt64 = 0, flags: UInt8 = 0,
-                      buffer: UnsafeMutableRawPointer? = nil, tag: UInt64, handler: BlockIOHandler) {
+                      bitmap: UInt16 = 0, buffer: UnsafeMutableRawPointer? = nil, tag: UInt64, handler: BlockIOHandler) {
         let slot: UInt32
         if let free = freeSlots.popLast() {
             slot = free
@@ -187,8 +197,8 @@ final class ProxyDevice: BlockDevice, TurnEndTask {
             slots.append(Slot(handler: handler, tag: tag))
         }
         inFlight += 1
-        gathered.append(ProxyRequest(link: .passUnretained(link), operation: operation, flags: flags, slot: slot,
-                                     offset: offset, length: length, buffer: buffer))
+        gathered.append(ProxyRequest(link: .passUnretained(link), operation: operation, flags: flags, bitmap: bitmap,
+                                     slot: slot, offset: offset, length: length, buffer: buffer))
         if !flushScheduled {
             flushScheduled = true
             loop.runAtTurnEnd(self)
@@ -222,6 +232,14 @@ final class ProxyDevice: BlockDevice, TurnEndTask {
 
     func blockStatus(offset: UInt64, length: UInt64, tag: UInt64, handler: BlockIOHandler) {
         post(.blockStatus, offset: offset, length: length, tag: tag, handler: handler)
+    }
+
+    /// An unknown or inconsistent name fails here, as the device itself would fail it.
+    func dirtyBitmapStatus(name: String, offset: UInt64, length: UInt64, tag: UInt64, handler: BlockIOHandler) {
+        guard let index = dirtyBitmaps.firstIndex(where: { $0.name == name }), !dirtyBitmaps[index].inconsistent else {
+            return handler.blockIOCompleted(tag: tag, outcome: .failed(.invalid))
+        }
+        post(.dirtyBitmapStatus, offset: offset, length: length, bitmap: UInt16(index), tag: tag, handler: handler)
     }
 
     /// The image is the owner's to close (after every proxy is idle); a proxy has nothing of its own.

@@ -192,6 +192,9 @@ extension TestClient {
                 $0[path] = { _ in MemoryBitmapDevice(size: size, bitmaps: infos, runLimit: runLimit) }
             }
             configuration.exports[0].bitmaps = bitmaps
+            // Two loops: a test's first client is served on the device's own loop, a second one (while
+            // the first is connected) on the other loop, through a ProxyDevice.
+            configuration.loops = 2
         }
     }
 
