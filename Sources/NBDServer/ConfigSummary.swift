@@ -5,6 +5,7 @@ public enum ConfigSummary {
         var lines: [String] = []
         lines.append("listen: " + c.listen.map(\.description).joined(separator: ", "))
         lines.append("maxconnections: \(c.maximumConnections), threads: \(c.threadPoolSize), allowlist: \(c.allowList)")
+        lines.append("loops: \(c.effectiveLoops)\(c.loops == nil ? " (one per online CPU)" : ""), aio: \(c.aio.map(\.rawValue) ?? "io_uring if the kernel allows it, else threads")")
         if c.user != nil || c.group != nil { lines.append("user: \(c.user ?? "-"), group: \(c.group ?? "-")") }
         for e in c.exports {
             var parts = ["export \"\(e.name)\": \(e.imagePath)"]

@@ -4,6 +4,9 @@
 import NBDProtocol
 import TLS
 import UVCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 public struct ServerConfiguration: Sendable {
     public enum ImageFormat: String, Sendable, CaseIterable {
@@ -36,10 +39,10 @@ public struct ServerConfiguration: Sendable {
     /// Event loops, one thread each (`--loops`, `loops =`); nil: one per online CPU, at most `maximumLoops`.
     public var loops: Int?
     public static let maximumLoops = 64
-    /// The loop count in force: what was asked, or the online CPUs (capped).
-    // Default 1 until test_hostile's fd baseline learns that libuv opens one /dev/null per loop lazily
-    // (its EMFILE reserve, at the first stream): with several loops it sees that as a leak.
-    public var effectiveLoops: Int { loops ?? 1 }
+    /// The loop count in force: what was asked, or the online CPUs (capped at the most `loops` takes).
+    public var effectiveLoops: Int { loops ?? Self.onlineCPUs }
+
+    static var onlineCPUs: Int { min(max(sysconf(Int32(_SC_NPROCESSORS_ONLN)), 1), Self.maximumLoops) }
     public var connectionLimits = ConnectionLimits()
     /// Request and reply bytes all connections together may hold before they stop reading.
     public var memoryBudgetBytes = 256 << 20

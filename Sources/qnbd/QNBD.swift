@@ -103,7 +103,7 @@ struct Serve: ParsableCommand {
     @Option(name: .long, help: "Threads for file I/O that cannot be served from the page cache (default 16).")
     var threads: Int?
 
-    @Option(name: .long, help: "Event loops, one thread each; connections are spread over them (default 1 for now; up to 64).")
+    @Option(name: .long, help: "Event loops, one thread each; connections are spread over them (default: one per online CPU; up to 64).")
     var loops: Int?
 
     @Option(name: .long, help: ArgumentHelp(

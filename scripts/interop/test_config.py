@@ -87,6 +87,7 @@ class ConfigFileTests(QnbdTestCase):
         check = qnbd("serve", "-C", conf, "--check-config", check=True).stdout
         self.assertIn('export "disk"', check)
         self.assertIn('export "vm"', check)
+        self.assertIn("loops: %d (one per online CPU)" % min(os.cpu_count(), 64), check)
         srv = self.start_config_server(conf, tcp=True)
         out = run(["nbdinfo", "--list", "--json", srv.uri("")]).stdout
         names = [e["export-name"] for e in json.loads(out)["exports"]]
