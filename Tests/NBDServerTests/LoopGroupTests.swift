@@ -11,62 +11,23 @@ import Testing
 import Glibc
 #endif
 
-/// `qnbd serve` on a thread with `loops` loops.
-private final class LoopServer: @unchecked Sendable {
-    let socketPath: String
-    let imagePath: String
-    private let ready = DispatchSemaphore(value: 0)
-    private let finished = DispatchSemaphore(value: 0)
-    private var stop: (@Sendable () -> Void)?
-    private var startError: String?
-    private(set) var exitStatus: Int32 = -1
-
-    init(loops: Int, qcow2: Bool = false, maximumConnections: Int? = nil) throws {
-        let dir = NSTemporaryDirectory() + "qnbd-loops-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        imagePath = dir + (qcow2 ? "/disk.qcow2" : "/disk.img")
-        socketPath = dir + "/s.sock"
+/// `qnbd serve` on a thread with `loops` loops, serving an 8 MiB raw or empty qcow2 image.
+private func loopServer(loops: Int, qcow2: Bool = false, maximumConnections: Int? = nil) throws -> RunningServer {
+    try RunningServer(image: qcow2 ? "disk.qcow2" : "disk.img", limits: ConnectionLimits()) { configuration in
         if qcow2 {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: "/usr/bin/qemu-img")
-            p.arguments = ["create", "-q", "-f", "qcow2", imagePath, "8M"]
-            try p.run()
+            p.arguments = ["create", "-q", "-f", "qcow2", configuration.exports[0].imagePath, "8M"]
+            try! p.run()
             p.waitUntilExit()
-        } else {
-            _ = FileManager.default.createFile(atPath: imagePath, contents: nil)
-            truncate(imagePath, 8 << 20)
+            precondition(p.terminationStatus == 0, "qemu-img create failed")
         }
-        var configuration = ServerConfiguration(imagePath: imagePath)
-        configuration.listen = [.unix(path: socketPath)]
-        configuration.logLevel = .error
-        configuration.threadPoolSize = 4
         configuration.loops = loops
         configuration.exports[0].maximumConnections = maximumConnections
-        let settings = configuration
-        Thread { [self] in
-            do {
-                let server = try Server(configuration: settings)
-                self.stop = server.stopHandle
-                self.ready.signal()
-                self.exitStatus = server.run()
-            } catch {
-                self.startError = "\(error)"
-                self.ready.signal()
-            }
-            self.finished.signal()
-        }.start()
-        ready.wait()
-        if let startError { throw ServerStartFailure(message: startError) }
-    }
-
-    func shutdown() -> Int32 {
-        stop?()
-        _ = finished.wait(timeout: .now() + 30)
-        return exitStatus
     }
 }
 
-private func connected(_ server: LoopServer) throws -> TestClient {
+private func connected(_ server: RunningServer) throws -> TestClient {
     let client = try TestClient(path: server.socketPath)
     #expect(client.handshake() == 8 << 20)
     return client
@@ -103,7 +64,7 @@ private func check(_ path: String) -> Int32 {
     /// Four clients held open at once land on three loops (least connections); each writes its block,
     /// and every client reads every block back: one image, whichever loop serves it.
     @Test(arguments: [false, true]) func clientsOnEveryLoopShareOneImage(qcow2: Bool) throws {
-        let server = try LoopServer(loops: 3, qcow2: qcow2)
+        let server = try loopServer(loops: 3, qcow2: qcow2)
         var clients: [TestClient] = []
         for _ in 0..<4 { clients.append(try connected(server)) }
         for (i, client) in clients.enumerated() { #expect(write(client, block: i, fill: UInt8(0x41 + i))) }
@@ -137,7 +98,7 @@ private func check(_ path: String) -> Int32 {
     /// maxconnections = 2 counts connections on every loop, and a client leaving a worker loop frees
     /// its place.
     @Test func maxConnectionsCountsEveryLoop() throws {
-        let server = try LoopServer(loops: 2, maximumConnections: 2)
+        let server = try loopServer(loops: 2, maximumConnections: 2)
         var first: TestClient? = try connected(server)   // loop 0
         let second = try connected(server)              // loop 1
         let third = try TestClient(path: server.socketPath)
@@ -159,7 +120,7 @@ private func check(_ path: String) -> Int32 {
     /// server read is answered (successfully), both loops' clients are closed, the server stops with
     /// status 0 and the qcow2 image, closed on its owner loop, checks clean.
     @Test func shutdownDrainsEveryLoop() throws {
-        let server = try LoopServer(loops: 2, qcow2: true)
+        let server = try loopServer(loops: 2, qcow2: true)
         let a = try connected(server)
         let b = try connected(server)   // on the worker, through the proxy
         for i in 0..<32 {
