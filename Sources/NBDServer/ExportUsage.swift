@@ -7,46 +7,46 @@
 // offering it, so no loop can attach to an image that is about to close (a loop learns that the export
 // left its table only when its mailbox delivers the new table).
 
+// One atomic word, not a Mutex: Synchronization.Mutex hands a contended lock over inside the
+// uninstrumented runtime, so ThreadSanitizer saw two loops' detach() as a race (scripts/sanitizers/
+// tsan.supp explains the same for Mailbox); atomics it sees, and attach/detach are a CAS anyway.
+
 import Synchronization
 
 final class ExportUsage: Sendable {
-    private struct State {
-        var count = 0
-        var retired = false
-    }
-
-    private let state = Mutex(State())
+    /// The connection count, with `retiredBit` set once the export takes no new connections.
+    private let word = Atomic<Int>(0)
+    private static let retiredBit = 1 << 62
+    private static let countMask = retiredBit - 1
 
     init() {}
 
     /// Connections holding the export on every loop.
-    var count: Int { state.withLock { $0.count } }
+    var count: Int { word.load(ordering: .acquiring) & Self.countMask }
 
     /// Counts one more connection unless the export is retired or holds `limit` already.
     func tryAttach(limit: Int?) -> Bool {
-        state.withLock { s in
-            if s.retired { return false }
-            if let limit, s.count >= limit { return false }
-            s.count += 1
-            return true
+        var current = word.load(ordering: .acquiring)
+        while true {
+            if current & Self.retiredBit != 0 { return false }
+            if let limit, current & Self.countMask >= limit { return false }
+            let (exchanged, original) = word.compareExchange(expected: current, desired: current + 1,
+                                                             ordering: .acquiringAndReleasing)
+            if exchanged { return true }
+            current = original
         }
     }
 
     /// One connection let go; returns how many remain.
     @discardableResult
     func detach() -> Int {
-        state.withLock { s in
-            precondition(s.count > 0)
-            s.count -= 1
-            return s.count
-        }
+        let remaining = word.subtract(1, ordering: .acquiringAndReleasing).newValue & Self.countMask
+        precondition(remaining != Self.countMask, "an export detached more connections than it attached")
+        return remaining
     }
 
     /// No loop may attach from now on; returns the connections still holding it (they only leave).
     func retire() -> Int {
-        state.withLock { s in
-            s.retired = true
-            return s.count
-        }
+        word.bitwiseOr(Self.retiredBit, ordering: .acquiringAndReleasing).newValue & Self.countMask
     }
 }
