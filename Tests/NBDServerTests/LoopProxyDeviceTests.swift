@@ -180,6 +180,14 @@ private struct Handed<T>: @unchecked Sendable { let value: T }
         try requesterLoop.close()
 
         let requester = try #require(results.withLock { $0?.value })
+        // The boxes hold mailboxes whose handlers capture the boxes (and the requester, whose onAllDone
+        // closures capture it back): break those cycles, or LeakSanitizer reports the lot.
+        defer {
+            requester.onAllDone = nil
+            results.withLock { $0 = nil }
+            startBox.withLock { $0 = nil }
+            ownerStop.withLock { $0 = nil }
+        }
         #expect(requester.wrongThreadCompletions == 0)
         #expect(device.wrongThreadCalls == 0)
         #expect(requester.completions.count == 40)
