@@ -9,11 +9,13 @@
 //            already-in_use bitmaps are never written.
 //   close  - after the engine's last flush, with nothing in flight and nothing dirty, the recording
 //            bitmaps are stored with in_use cleared (BitmapStore's order: data, tables, directory,
-//            sync, refcounts, cluster 0, sync, then the old clusters freed). A crash before cluster 0
+//            sync, refcounts, cluster 0, sync, then the old clusters freed), as one job on the thread
+//            pool so that the loop keeps serving the other exports meanwhile. A crash before cluster 0
 //            is rewritten leaves the old directory with in_use set: the bitmap reads as inconsistent.
 
 import BlockDevice
 import QCow2
+import UVCore
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -93,31 +95,69 @@ extension QCow2Driver: DirtyBitmapDevice {
     /// Runs per status reply: enough for any client, few enough that a fragmented bitmap's answer stays small.
     static let maximumBitmapRuns = 8192
 
-    /// Stores the recording bitmaps after the last flush (see the file comment for the order). Runs with
-    /// blocking I/O on the loop: the device is closing and serves nobody. A failure leaves them in_use.
-    func storeBitmaps() {
-        guard engine.bitmaps.contains(where: { $0.records }) else { return }
-        let reason: String
+    /// Stores the recording bitmaps after the last flush (see the file comment for the order), then calls
+    /// `done`. The store's blocking reads and writes run as one job in `io`'s ordered lane on the thread
+    /// pool, so a closing image never stalls the loop's other exports; the device is closing and serves
+    /// nobody, so nothing else touches the file meanwhile. A failure leaves the bitmaps in_use.
+    func storeBitmaps(on io: FileIO, then done: @escaping () -> Void) {
+        let recording = engine.bitmaps.filter(\.records)
+        guard !recording.isEmpty else { return done() }
+        let job = BitmapStoreJob(path: path, size: size, recorder: recorder, bitmaps: recording.map { live in
+            let bitCount = BitmapEntry.bitCount(virtualSize: size, granularityBits: live.granularityBits)
+            return (live.name, live.bytes(byteCount: Int((bitCount + 7) / 8)))
+        }) { [weak self] failure in
+            if let failure, let self {
+                self.onFailure?("\(self.path): the persistent bitmaps were not stored (\(failure)); they stay in use (inconsistent)")
+            }
+            done()
+        }
+        io.run(context: 0, completion: job, ordered: true) { job.run() }
+    }
+}
+
+/// One close's bitmap store, carried to a pool thread. Its inputs are copies taken on the loop (names and
+/// bits); `failure` is written by the job and read by the completion, which libuv orders after it; the
+/// recorder (tests only) is used by nobody else while the closing image is quiet. Hence @unchecked Sendable.
+private final class BitmapStoreJob: FileIOCompletion, @unchecked Sendable {
+    private let path: String
+    private let size: UInt64
+    private let recorder: WriteRecorder?
+    private let bitmaps: [(name: String, bits: [UInt8])]
+    private let finished: (String?) -> Void
+    private var failure: String?
+
+    init(path: String, size: UInt64, recorder: WriteRecorder?, bitmaps: [(name: String, bits: [UInt8])],
+         finished: @escaping (String?) -> Void) {
+        self.path = path
+        self.size = size
+        self.recorder = recorder
+        self.bitmaps = bitmaps
+        self.finished = finished
+    }
+
+    /// Pool thread: the whole store, with blocking I/O on a file of its own.
+    func run() -> Int {
         do throws(QCow2Error) {
             let file: MetadataFile = try BlockingImageFile(path: path, writable: true)
             let image = try ImageMetadata(file: recorder.map { RecordedFile(file, recorder: $0) } ?? file)
             var stored: [StoredBitmap] = []
             for entry in try image.bitmaps() {
-                guard let live = engine.bitmaps.first(where: { $0.name == entry.name }), live.records else {
+                guard let bits = bitmaps.first(where: { $0.name == entry.name })?.bits else {
                     stored.append(StoredBitmap(entry: entry, bits: nil, onDisk: []))
                     continue
                 }
                 var clean = entry
                 clean.flags &= ~BitmapEntry.inUse
-                let bitCount = BitmapEntry.bitCount(virtualSize: size, granularityBits: entry.granularityBits)
-                stored.append(StoredBitmap(entry: clean, bits: live.bytes(byteCount: Int((bitCount + 7) / 8)),
-                                           onDisk: try BitmapStore.ownedClusters(entry, image: image)))
+                stored.append(StoredBitmap(entry: clean, bits: bits, onDisk: try BitmapStore.ownedClusters(entry, image: image)))
             }
             try BitmapStore.store(stored, removed: [], image: image)
-            return
         } catch {
-            reason = error.description
+            failure = error.description
         }
-        onFailure?("\(path): the persistent bitmaps were not stored (\(reason)); they stay in use (inconsistent)")
+        return 0
+    }
+
+    func fileIOCompleted(context: UInt64, result: Int) {
+        finished(failure)
     }
 }

@@ -229,8 +229,10 @@ public final class QCow2Driver: BlockDevice {
                 return
             }
             closing = nil
-            if capabilities.writable && !engine.isDirty && engine.failure == nil { storeBitmaps() }
-            return handler.blockIOCompleted(tag: tag, outcome: .done)
+            guard capabilities.writable && !engine.isDirty && engine.failure == nil else {
+                return handler.blockIOCompleted(tag: tag, outcome: .done)
+            }
+            return storeBitmaps(on: io) { handler.blockIOCompleted(tag: tag, outcome: .done) }
         }
         closing = (tag, handler, passes - 1)
         engine.flush(tag: callers.insert(tag: Self.closeTag, handler: self))
