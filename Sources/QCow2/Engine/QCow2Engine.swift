@@ -82,7 +82,7 @@ public final class QCow2Engine {
         self.fileSize = fileSize
         self.backingSize = backingSize
         self.compression = header.compressionType == 1 ? .zstd : .deflate
-        self.cache = L2Cache(tableSize: Int(geometry.clusterSize), budgetBytes: cacheBytes)
+        self.cache = L2Cache(tableSize: Int(geometry.clusterSize), budgetBytes: cacheBytes, l1Entries: l1.count)
         let clusterSize = Int(geometry.clusterSize)
         let writing = refcounts.map { WritableState(refcounts: $0, clusterSize: clusterSize) }
         self.writableState = writing
@@ -147,8 +147,10 @@ public final class QCow2Engine {
 
     public var hasActions: Bool { outboxHead < outbox.count }
 
-    /// Requests still in flight.
-    public var activeRequests: Int { reads.count + statuses.count + (writableState?.writes.count ?? 0) }
+    /// Requests still in flight, in-place fast-path writes included.
+    public var activeRequests: Int {
+        reads.count + statuses.count + (writableState.map { $0.writes.count + $0.inPlaceInFlight } ?? 0)
+    }
 
     func issue(_ purpose: TokenPurpose) -> IOToken {
         tokens.insert(purpose)
