@@ -21,6 +21,7 @@ import Testing
             }
         }
         for c in candidates + [100_000, far + 2] { #expect(bitmap.contains(c) == model.contains(c), "cluster \(c)") }
+        #expect(Array(bitmap) == model.sorted())
         bitmap.formUnion(500..<510)
         #expect(bitmap.contains(509) && !bitmap.contains(510))
     }

@@ -11,8 +11,8 @@ struct ClusterBitmap {
     /// 2^27 clusters: 16 MiB of bits, 64 GiB of file at the smallest cluster size.
     static let denseLimit: UInt64 = 1 << 27
 
-    private var words: [UInt64] = []
-    private var far: Set<UInt64> = []
+    fileprivate var words: [UInt64] = []
+    fileprivate var far: Set<UInt64> = []
 
     @inline(__always)
     func contains(_ cluster: UInt64) -> Bool {
@@ -40,5 +40,17 @@ struct ClusterBitmap {
 
     mutating func formUnion<S: Sequence>(_ clusters: S) where S.Element == UInt64 {
         for c in clusters { insert(c) }
+    }
+}
+
+/// The members in ascending order (dense part first, then the far ones): for checks and tests, not
+/// for the request path.
+extension ClusterBitmap: Sequence {
+    func makeIterator() -> IndexingIterator<[UInt64]> {
+        var members: [UInt64] = []
+        for (w, word) in words.enumerated() where word != 0 {
+            for bit in 0..<64 where word & (1 << UInt64(bit)) != 0 { members.append(UInt64(w) << 6 | UInt64(bit)) }
+        }
+        return (members + far.sorted()).makeIterator()
     }
 }
