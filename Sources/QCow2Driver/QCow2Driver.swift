@@ -27,9 +27,11 @@ public final class QCow2Driver: BlockDevice {
     private let fd: Int32
     private let io: FileIO
     /// Test-only (QNBD_TEST_FAULTS), on the top image only; nil otherwise.
-    private let faults: FaultInjector?
+    /// Internal (not private) so that tests can arm one without the environment.
+    var faults: FaultInjector?
     // Loop-confined and never accessed overlapping: no dynamic exclusivity checks on the request path.
     @exclusivity(unchecked) private var callers = CallerTable()
+    @exclusivity(unchecked) private var inPlaceWrites = InPlaceWriteTable()
     @exclusivity(unchecked) private var pumping = false
     private var failureReported = false
     /// Called once, on the loop, when the image turns read-only after an error (the reason names the
@@ -187,6 +189,11 @@ public final class QCow2Driver: BlockDevice {
     }
 
     public func write(offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, tag: UInt64, handler: BlockIOHandler) {
+        // The write log keys its records by engine token, so with a recorder every write takes the
+        // general path (the file sees the same pwrite either way).
+        if recorder == nil, let write = engine.beginInPlaceWrite(offset: offset, count: buffer.count, fua: fua) {
+            return writeInPlace(write, from: buffer, tag: tag, handler: handler)
+        }
         let requestTag = callers.insert(tag: tag, handler: handler)
         if fua { recorder?.asked(.fuaWrite, tag: requestTag) }
         engine.write(tag: requestTag, offset: offset, from: buffer, fua: fua)
@@ -239,8 +246,32 @@ public final class QCow2Driver: BlockDevice {
         pump()
     }
 
+    /// Overwrites the in-place fast path has taken (tests and profiles).
+    public var fastPathWrites: Int { engine.fastPathWrites }
+
     public func cache(offset: UInt64, length: UInt64, tag: UInt64, handler: BlockIOHandler) {
         handler.blockIOCompleted(tag: tag, outcome: .done)
+    }
+
+    // MARK: - The in-place fast path
+
+    /// Issues an overwrite the engine answered at once (QCow2Engine+InPlace) straight to the file.
+    private func writeInPlace(_ write: InPlaceWrite, from buffer: UnsafeRawBufferPointer, tag: UInt64, handler: BlockIOHandler) {
+        if let faults, let errno = faults.fault(.write, offset: write.host, length: UInt64(buffer.count)) {
+            return finishInPlace(write, result: -Int(errno), tag: tag, handler: handler)
+        }
+        let slot = inPlaceWrites.insert(.init(tag: tag, handler: handler, write: write))
+        if case .done(let result) = io.write(fd: fd, from: buffer, offset: write.host, dsync: false,
+                                             context: Self.inPlaceTag | UInt64(slot), completion: self) {
+            let entry = inPlaceWrites.remove(slot)
+            finishInPlace(entry.write, result: result, tag: entry.tag, handler: entry.handler)
+        }
+    }
+
+    private func finishInPlace(_ write: InPlaceWrite, result: Int, tag: UInt64, handler: BlockIOHandler) {
+        let outcome = engine.finishInPlaceWrite(write, errno: result < 0 ? Int32(-result) : nil)
+        handler.blockIOCompleted(tag: tag, outcome: outcome)
+        if closeWaitsForIO { pump() }
     }
 
     // MARK: - Running actions
@@ -307,6 +338,8 @@ public final class QCow2Driver: BlockDevice {
     }
 
     private static let backingTag: UInt64 = 1 << 62
+    /// Marks a FileIO context as an in-place write's table slot (engine tokens fit in 32 bits).
+    private static let inPlaceTag: UInt64 = 1 << 40
     private static let closeTag: UInt64 = 1 << 61
 
     // MARK: - Opening helpers
@@ -383,6 +416,10 @@ public final class QCow2Driver: BlockDevice {
 
 extension QCow2Driver: FileIOCompletion {
     public func fileIOCompleted(context: UInt64, result: Int) {
+        if context & Self.inPlaceTag != 0 {
+            let entry = inPlaceWrites.remove(Int(truncatingIfNeeded: context & ~Self.inPlaceTag))
+            return finishInPlace(entry.write, result: result, tag: entry.tag, handler: entry.handler)
+        }
         recorder?.completed(token: UInt32(context), result: result)
         engine.completed(IOToken(raw: UInt32(context)), result: result < 0 ? .failure(Int32(-result)) : .success)
         pump()

@@ -64,32 +64,45 @@ final class L2Slot {
 }
 
 struct L2Cache {
+    /// The cached slots, for the walks (flush capture, eviction); lookups use `byIndex`.
     private(set) var slots: [Int: L2Slot] = [:]
+    /// The same slots by L1 index (nil where none is cached): every request looks its table up, and an
+    /// array index costs a few instructions where the dictionary hashed. One word per L1 entry, as
+    /// the L1 table itself.
+    private var byIndex: [L2Slot?]
     let tableSize: Int
     let capacity: Int
     private var clock: UInt64 = 0
 
-    init(tableSize: Int, budgetBytes: Int) {
+    init(tableSize: Int, budgetBytes: Int, l1Entries: Int) {
         self.tableSize = tableSize
         self.capacity = max(4, budgetBytes / tableSize)
+        self.byIndex = Array(repeating: nil, count: l1Entries)
     }
 
-    subscript(l1Index: Int) -> L2Slot? { slots[l1Index] }
+    subscript(l1Index: Int) -> L2Slot? {
+        l1Index >= 0 && l1Index < byIndex.count ? byIndex[l1Index] : nil
+    }
+
+    private mutating func set(_ l1Index: Int, _ slot: L2Slot?) {
+        slots[l1Index] = slot
+        byIndex[l1Index] = slot
+    }
 
     /// Creates a loading slot, evicting the least recently used idle slot when over budget.
     mutating func startLoading(l1Index: Int, hostOffset: UInt64) -> L2Slot {
         makeRoom()
         let slot = L2Slot(l1Index: l1Index, hostOffset: hostOffset, size: tableSize)
-        slots[l1Index] = slot
+        set(l1Index, slot)
         touch(slot)
         return slot
     }
 
     /// Installs a slot that is ready at once (a new or copied table).
     mutating func insertReady(_ slot: L2Slot) {
-        if slots[slot.l1Index] == nil { makeRoom() }
+        if self[slot.l1Index] == nil { makeRoom() }
         slot.state = .ready
-        slots[slot.l1Index] = slot
+        set(slot.l1Index, slot)
         touch(slot)
     }
 
@@ -102,7 +115,7 @@ struct L2Cache {
         slot.lastUse = clock
     }
 
-    mutating func remove(_ l1Index: Int) { slots[l1Index] = nil }
+    mutating func remove(_ l1Index: Int) { set(l1Index, nil) }
 
     /// Evicts idle slots until one more fits the budget (or none is idle): after an overflow the cache
     /// shrinks back instead of staying over budget for good.
@@ -119,7 +132,7 @@ struct L2Cache {
             if victim == nil || s.lastUse < victim!.lastUse { victim = s }
         }
         guard let victim else { return false }
-        slots[victim.l1Index] = nil
+        set(victim.l1Index, nil)
         return true
     }
 }

@@ -202,7 +202,7 @@ extension QCow2Engine {
 
     func inPlaceWriteCompleted(_ id: WriteID, errno: Int32?, _ writing: WritableState) {
         if let errno, writing.writes[id].error == nil { writing.writes[id].error = BlockError(errno: errno) }
-        writing.unsyncedData = true
+        dataWriteReturned(writing)
         writing.writes[id].pending -= 1
         finishWriteIfDone(id, writing)
     }

@@ -33,6 +33,8 @@ public final class QCow2Engine {
     let writableState: WritableState?
     public var writable: Bool { writableState != nil }
     let fileSize: UInt64
+    /// Host clusters of the L1 table, computed once: every write's target is checked against them.
+    let l1Clusters: Range<UInt64>
     @exclusivity(unchecked) var l1: [UInt64]
     @exclusivity(unchecked) var cache: L2Cache
     @exclusivity(unchecked) var reads = Slab<ReadID, ReadRequest>()
@@ -80,9 +82,10 @@ public final class QCow2Engine {
         self.geometry = Geometry(header: header)
         self.l1 = l1
         self.fileSize = fileSize
+        self.l1Clusters = Geometry(header: header).clusters(covering: header.l1TableOffset, byteCount: UInt64(header.l1Size) * 8)
         self.backingSize = backingSize
         self.compression = header.compressionType == 1 ? .zstd : .deflate
-        self.cache = L2Cache(tableSize: Int(geometry.clusterSize), budgetBytes: cacheBytes)
+        self.cache = L2Cache(tableSize: Int(geometry.clusterSize), budgetBytes: cacheBytes, l1Entries: l1.count)
         let clusterSize = Int(geometry.clusterSize)
         let writing = refcounts.map { WritableState(refcounts: $0, clusterSize: clusterSize) }
         self.writableState = writing
@@ -147,8 +150,10 @@ public final class QCow2Engine {
 
     public var hasActions: Bool { outboxHead < outbox.count }
 
-    /// Requests still in flight.
-    public var activeRequests: Int { reads.count + statuses.count + (writableState?.writes.count ?? 0) }
+    /// Requests still in flight, in-place fast-path writes included.
+    public var activeRequests: Int {
+        reads.count + statuses.count + (writableState.map { $0.writes.count + $0.inPlaceInFlight } ?? 0)
+    }
 
     func issue(_ purpose: TokenPurpose) -> IOToken {
         tokens.insert(purpose)
@@ -168,7 +173,7 @@ public final class QCow2Engine {
     func isMetadata(cluster c: UInt64) -> Bool {
         if c == 0 { return true }
         if let writableState, writableState.holdsMetadata(cluster: c) { return true }
-        return geometry.clusters(covering: header.l1TableOffset, byteCount: UInt64(header.l1Size) * 8).contains(c)
+        return l1Clusters.contains(c)
     }
 
     /// Refuses data I/O to `count` bytes at `host` (an L2 entry's target) when they run past the image

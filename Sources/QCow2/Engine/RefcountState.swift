@@ -34,7 +34,7 @@ struct RefcountState {
     private(set) var endCluster: UInt64
     /// Clusters of the refcount table (the current one and a grown one not yet switched to) and of the
     /// refcount blocks.
-    private(set) var metadataClusters: Set<UInt64> = []
+    private(set) var metadataClusters = ClusterBitmap()
     /// Clusters whose count reached zero and that may be handed out again (subject to the generation check).
     private(set) var free = FreeClusters()
 

@@ -24,6 +24,9 @@ final class WritableState {
     @exclusivity(unchecked) var reservations: [UInt64: AllocationID] = [:]
     /// Data reached the file since the last sync began.
     @exclusivity(unchecked) var unsyncedData = false
+    /// Overwrites the in-place fast path took (QCow2Engine+InPlace), and those still in flight.
+    @exclusivity(unchecked) var inPlaceWrites = 0
+    @exclusivity(unchecked) var inPlaceInFlight = 0
     /// Deferred refcount decreases: clusters whose last reference was removed at an epoch (O4).
     @exclusivity(unchecked) var pendingFrees: [(epoch: UInt64, generation: UInt64, clusters: [UInt64])] = []
     @exclusivity(unchecked) var generation: UInt64 = 0
@@ -31,9 +34,9 @@ final class WritableState {
     @exclusivity(unchecked) var flush = FlushState()
     /// Host clusters holding the L2 tables the L1 table points to, so that a data write or a free that
     /// would land on one is caught (see `QCow2Engine.isMetadata`).
-    @exclusivity(unchecked) var l2TableClusters: Set<UInt64> = []
+    @exclusivity(unchecked) var l2TableClusters = ClusterBitmap()
     /// Host clusters of the snapshot table and the snapshots' L1 tables (never written by qnbd).
-    @exclusivity(unchecked) var snapshotClusters: Set<UInt64> = []
+    @exclusivity(unchecked) var snapshotClusters = ClusterBitmap()
     /// A cluster of zeros, the source of zero writes.
     let zeroCluster: UnsafeMutableRawBufferPointer
 
@@ -71,7 +74,7 @@ final class WritableState {
     /// refcount block or table, or snapshot metadata.
     func holdsMetadata(cluster c: UInt64) -> Bool {
         if l2TableClusters.contains(c) { return true }
-        if !snapshotClusters.isEmpty && snapshotClusters.contains(c) { return true }
+        if snapshotClusters.contains(c) { return true }
         return refcounts.holdsMetadata(cluster: c)
     }
 }
