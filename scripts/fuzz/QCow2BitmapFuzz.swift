@@ -4,7 +4,8 @@
 // Input: an image file followed by `scriptBytes` of script. The harness does what QCow2Driver does
 // with a writable image that has a bitmaps extension (QCow2Driver+Bitmaps.swift): header, validate,
 // refcounts and the engine's open (so only images the driver would serve go on); the directory and
-// every table validated (BitmapValidation.load), each consistent bitmap's bits read into a LiveBitmap;
+// every table validated (BitmapValidation.load), each consistent bitmap's bits read into a LiveBitmap
+// (the mode byte's bit 7 first calls one of the first 128 clusters free in the refcounts);
 // the directory rewritten in place with in_use set; eight ranges marked the way writes, zeroes and
 // trims mark them; then the store at a clean close (BitmapStore.store through an ImageMetadata) into
 // an in-memory file.
@@ -62,7 +63,8 @@ func fileBytes(_ file: [UInt8], at offset: UInt64, count: Int) -> [UInt8] {
     return out
 }
 
-func fuzzBitmaps(image: [UInt8], script: [UInt8]) {
+func fuzzBitmaps(image original: [UInt8], script: [UInt8]) {
+    var image = original
     let fileSize = UInt64(image.count)
     let prefix = Array(image.prefix(104))
     let clusterBytes = Header.bytesNeeded(prefix: prefix)
@@ -73,7 +75,18 @@ func fuzzBitmaps(image: [UInt8], script: [UInt8]) {
     let g = Geometry(header: header)
     let cluster = g.clusterSize
     guard g.clusterBits <= 16, UInt64(header.refcountTableClusters) * cluster <= 1 << 20, header.l1Size <= 1 << 16 else { return }
-    let read: MetadataRead = { (offset, count) throws(QCow2Error) in fileBytes(image, at: offset, count: count) }
+    // Mode bit 7: the first refcount block calls cluster `mode & 0x7f` free, a corruption byte-level
+    // mutations rarely hit (the engine refuses it for its own metadata, not for the bitmaps').
+    let mode = script[scriptBytes - 1]
+    let firstBlock = fileBytes(image, at: header.refcountTableOffset, count: 8).be64(0) & RefcountTableEntry.offsetMask
+    if mode & 0x80 != 0, firstBlock != 0, firstBlock % cluster == 0, firstBlock + cluster <= fileSize,
+       UInt64(mode & 0x7f) < (cluster * 8) >> UInt64(g.refcountOrder) {
+        var block = fileBytes(image, at: firstBlock, count: Int(cluster))
+        block.withUnsafeMutableBytes { RefcountEntry.set($0, index: Int(mode & 0x7f), order: g.refcountOrder, value: 0) }
+        image.replaceSubrange(Int(firstBlock)..<Int(firstBlock + cluster), with: block)
+    }
+    let opened = image
+    let read: MetadataRead = { (offset, count) throws(QCow2Error) in fileBytes(opened, at: offset, count: count) }
     let loader = MetadataLoader(read: read)
 
     // The driver's writable open, up to the bitmaps: refcounts, snapshots, the engine.
@@ -261,7 +274,7 @@ final class StoreContract {
         let order = g.refcountOrder
         for (index, block) in reftable.enumerated() where block & RefcountTableEntry.offsetMask != 0 {
             let bytes = (try? read(block & RefcountTableEntry.offsetMask, Int(cluster))) ?? []
-            let perBlock = UInt64(cluster) * 8 >> UInt64(order)
+            let perBlock = (UInt64(cluster) * 8) >> UInt64(order)
             bytes.withUnsafeBytes { raw in
                 for slot in 0..<Int(perBlock) where RefcountEntry.get(raw, index: slot, order: order) != 0 {
                     used.insert(UInt64(index) * perBlock + UInt64(slot))

@@ -2,9 +2,9 @@
 # validation and reply encoding; qcow2: header parsing and the read/block-status engine over hostile
 # images; qcow2-write: hostile images opened writable, with every host write checked for where it
 # lands; qcow2-bitmaps: hostile bitmap directories and tables loaded, marked and stored at close, with
-# every store write checked and the stored bits read back). Each test builds its harness (cached in .build-fuzz) and fuzzes it for FUZZ_SECONDS (default
-# 20) from the committed seed corpus; any crash, sanitizer report, leak, timeout or OOM fails the test
-# and names the crashing input. The test is skipped (the runner counts a skip as a failure) only when
+# every store write checked and the stored bits read back). Each test builds its harness (cached in
+# .build-fuzz) and fuzzes it for FUZZ_SECONDS (default 20) from the committed seed corpus; any crash,
+# sanitizer report, leak, timeout or OOM fails the test and names the crashing input. The test is skipped (the runner counts a skip as a failure) only when
 # the toolchain has no libFuzzer runtime (scripts/fuzz/run exits 3).
 #
 # Run alone: /usr/bin/python3 -m unittest -v scripts/interop/test_fuzz.py
