@@ -146,6 +146,39 @@ struct BitmapTests {
         #expect(try open(inUse).bitmaps()[0].isInUse)
     }
 
+    /// Found by scripts/fuzz qcow2-bitmaps: a data cluster of a bitmap with refcount 0 was handed out for
+    /// the new bitmap data and overwritten before the header switched; the free after the switch then
+    /// failed, leaving the image half stored.
+    @Test("a store refuses, writing nothing, when a bitmap's cluster has refcount 0", .enabled(if: Qemu.available),
+          arguments: [512, 65536])
+    func storeRefusesUnreferencedBitmapClusters(clusterSize: Int) throws {
+        let bytes = try qemuImage(size: "8M", clusterSize: clusterSize, granularity: 512, extraBitmaps: ["c"],
+                                  writes: [(0, 4096), (3 << 20, 65536)])
+        let probe = try open(bytes)
+        let entries = try probe.bitmaps()
+        let table = try BitmapValidation.table(of: entries[0], clusterSize: probe.clusterSize, fileSize: probe.fileLength,
+                                               regions: MetadataRegions(header: probe.header), read: probe.loader.read)
+        let cs = UInt64(clusterSize)
+        let dataCluster = try #require(table.compactMap { kind -> UInt64? in
+            if case .data(let offset) = kind { return offset / cs } else { return nil }
+        }.first)
+        // 16-bit refcounts; the first refcount block covers every cluster of this small image.
+        let block = try probe.reftable()[0] & RefcountTableEntry.offsetMask
+        var damaged = bytes
+        damaged.setBE16(0, at: Int(block) + Int(dataCluster) * 2)
+        let file = MemoryFile(damaged)
+        let image = try ImageMetadata(file: file)
+        var stored: [StoredBitmap] = []
+        for entry in try image.bitmaps() {
+            let bitCount = BitmapEntry.bitCount(virtualSize: image.header.size, granularityBits: entry.granularityBits)
+            stored.append(StoredBitmap(entry: entry, bits: [UInt8](repeating: 0xff, count: Int((bitCount + 7) / 8)),
+                                       onDisk: try BitmapStore.ownedClusters(entry, image: image)))
+        }
+        #expect(throws: QCow2Error.self) { try BitmapStore.store(stored, removed: [], image: image) }
+        let changed = zip(file.bytes, damaged).filter { $0 != $1 }.count + abs(file.bytes.count - damaged.count)
+        #expect(changed == 0, "a refused store must not write")
+    }
+
     @Test("an all-ones table entry reads as dirty; entries encode as they parse")
     func allOnesAndEncoding() throws {
         var header = Header(version: 3, clusterBits: 9, size: 1 << 20)

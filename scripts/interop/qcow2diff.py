@@ -20,7 +20,6 @@ import json
 import os
 import random
 import select
-import subprocess
 import sys
 import time
 
@@ -128,21 +127,7 @@ def qnbd_bitmap_runs(image, name):
 
 def qemu_dirty_runs(workdir, image, name):
     """Dirty (offset, length) runs of bitmap `name` as qemu-nbd -B serves them to nbdinfo."""
-    sock = os.path.join(workdir, "qemu-nbd.sock")
-    proc = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", name, "-k", sock, image],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 20
-        while not os.path.exists(sock):
-            if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError("qemu-nbd did not start")
-            time.sleep(0.05)
-        p = T.run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:" + name, "nbd+unix:///?socket=" + T.uri_quote_socket(sock)],
-                  timeout=60)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-    return [(e["offset"], e["length"]) for e in json.loads(p.stdout) if e["type"] & 1]
+    return [(off, length) for off, length, dirty in T.qemu_nbd_dirty_map(workdir, image, name) if dirty]
 
 
 def bitmap_problems(workdir, image, before, frozen, changed):

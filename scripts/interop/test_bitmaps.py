@@ -14,9 +14,7 @@ import json
 import os
 import shutil
 import struct
-import subprocess
 import sys
-import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -79,27 +77,6 @@ class BitmapCase(T.QnbdTestCase):
         out = json.loads(self.qnbd_ok("map", "--bitmap", name, "--output", "json", image).stdout)
         return merged([(r["start"], r["length"], r["dirty"]) for r in out])
 
-    def qemu_nbd_runs(self, image, name):
-        """The dirty map qemu-nbd -B NAME serves, as nbdinfo reads it."""
-        sock = self.path("qemu-nbd.sock")
-        log = self.path("qemu-nbd.log")
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(["qemu-nbd", "-r", "-f", "qcow2", "-B", name, "-k", sock, image],
-                                    stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.time() + 20
-            while not T.unix_socket_accepts(sock):
-                if proc.poll() is not None or time.time() > deadline:
-                    with open(log, errors="replace") as f:
-                        self.fail("qemu-nbd did not start: %s" % f.read())
-                time.sleep(0.05)
-            p = T.run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:" + name,
-                       "nbd+unix:///?socket=" + T.uri_quote_socket(sock)], timeout=60)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
-        return merged([(e["offset"], e["length"], e["type"] & 1 == 1) for e in json.loads(p.stdout)])
-
     def assert_clean(self, image):
         p = qemu_img("check", image, check=False)
         self.assertEqual(p.returncode, 0, p.stdout + p.stderr)
@@ -119,7 +96,7 @@ class QnbdToQemu(BitmapCase):
                         {"flags": ["auto"], "name": "on", "granularity": want_g},
                         {"flags": [], "name": "off", "granularity": want_g}])
                     self.assert_clean(image)
-                    self.assertEqual(self.qemu_nbd_runs(image, "on"), [(0, SIZE, False)])
+                    self.assertEqual(T.qemu_nbd_dirty_map(self.dir, image, "on"), [(0, SIZE, False)])
 
     def test_merged_bitmap_served_by_qemu_nbd(self):
         for cluster, granularities in LAYOUTS:
@@ -131,7 +108,7 @@ class QnbdToQemu(BitmapCase):
                     self.qnbd_ok("bitmap", "--add", *(["-g", str(g)] if g else []), "--merge", "src", image, "dst")
                     self.assert_clean(image)
                     want = expected_runs(WRITES, g or min(64 * KiB, max(4 * KiB, cluster)))
-                    self.assertEqual(self.qemu_nbd_runs(image, "dst"), want)
+                    self.assertEqual(T.qemu_nbd_dirty_map(self.dir, image, "dst"), want)
                     self.assertEqual(self.qnbd_runs(image, "dst"), want)
 
 
@@ -143,7 +120,7 @@ class QemuToQnbd(BitmapCase):
                     image = self.make("q-%d-%s.qcow2" % (cluster, g), cluster)
                     qemu_img("bitmap", "--add", *(["-g", str(g)] if g else []), image, "b")
                     self.qemu_write(image, WRITES)
-                    served = self.qemu_nbd_runs(image, "b")
+                    served = T.qemu_nbd_dirty_map(self.dir, image, "b")
                     self.assertEqual(self.qnbd_runs(image, "b"), served)
                     self.assertTrue(any(d for _, _, d in served))
 
@@ -205,7 +182,7 @@ class SameAsQemuImg(BitmapCase):
                 qemu_img("bitmap", "--merge", "ob", "-b", other, "-F", "qcow2", theirs, "t")
                 self.assert_clean(mine)
                 self.assertEqual(self.qemu_bitmaps(mine), self.qemu_bitmaps(theirs))
-                self.assertEqual(self.qnbd_runs(mine, "t"), self.qemu_nbd_runs(theirs, "t"))
+                self.assertEqual(self.qnbd_runs(mine, "t"), T.qemu_nbd_dirty_map(self.dir, theirs, "t"))
 
     def test_errors_match_qemu_img(self):
         source = self.prepared(64 * KiB)
@@ -238,8 +215,8 @@ class Hostile(BitmapCase):
         qemu_img("bitmap", "--add", base, "b")
         qemu_img("bitmap", "--add", base, "c")
         self.qemu_write(base, WRITES[:2])
-        entry, _ = self.directory_entry(base)
-        self.poke(base, entry + 12, ">I", 3)   # "b": in_use | auto, as a crash leaves it
+        entry, _ = T.bitmap_directory(base)
+        T.poke(base, entry + 12, ">I", 3)   # "b": in_use | auto, as a crash leaves it
         cases = [("--clear", "b"), ("--enable", "b"), ("--disable", "b"), ("--merge", "c", "b"),
                  ("--merge", "b", "c"), ("--remove", "b"), ("--clear", "c")]
         for case in cases:
@@ -262,31 +239,31 @@ class Hostile(BitmapCase):
         base = self.make("l2.qcow2", 64 * KiB)
         qemu_img("bitmap", "--add", base, "b")
         self.qemu_write(base, WRITES[:2])
-        entry, head = self.directory_entry(base)
+        entry, head = T.bitmap_directory(base)
         (l1_offset,) = struct.unpack_from(">Q", head, 40)
         with open(base, "rb") as f:
             f.seek(entry)
             (table,) = struct.unpack(">Q", f.read(8))
             f.seek(l1_offset)
             (l2,) = struct.unpack(">Q", f.read(8))
-        self.poke(base, table, ">Q", l2 & 0x00fffffffffffe00)
-        before = self.contents(base)
+        T.poke(base, table, ">Q", l2 & 0x00fffffffffffe00)
+        before = T.file_contents(base)
         p = qnbd("bitmap", "--clear", base, "b", cwd=self.dir)
         self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
         self.assertIn("corruptions", p.stderr)
-        self.assertEqual(self.contents(base), before)
+        self.assertEqual(T.file_contents(base), before)
 
     def test_check_counts_bad_bitmap_tables_like_qemu(self):
         base = self.make("k.qcow2", 64 * KiB)
         qemu_img("bitmap", "--add", base, "b")
         self.qemu_write(base, WRITES[:2])
-        entry, _ = self.directory_entry(base)
+        entry, _ = T.bitmap_directory(base)
         with open(base, "rb") as f:
             f.seek(entry)
             (table,) = struct.unpack(">Q", f.read(8))
         image = self.path("k2.qcow2")
         shutil.copy(base, image)
-        self.poke(image, table, ">Q", (os.path.getsize(base) + 32 * 65536) & ~0xffff)   # data cluster past EOF
+        T.poke(image, table, ">Q", (os.path.getsize(base) + 32 * 65536) & ~0xffff)   # data cluster past EOF
         self.assert_check_like_qemu(image)
         self.assert_check_like_qemu(base)
         # A table entry with reserved bits: qemu's check fails (exit 1) for consistent and in-use
@@ -294,42 +271,19 @@ class Hostile(BitmapCase):
         for flags in (2, 3):
             with self.subTest(flags=flags):
                 shutil.copy(base, image)
-                self.poke(image, table, ">Q", 2)
-                self.poke(image, entry + 12, ">I", flags)
+                T.poke(image, table, ">Q", 2)
+                T.poke(image, entry + 12, ">I", flags)
                 self.assertEqual(qemu_img("check", image, check=False).returncode, 1)
                 p = qnbd("check", image, cwd=self.dir)
                 self.assertEqual(p.returncode, 1, p.stdout + p.stderr)
                 self.assertIn("bitmap 'b': table entry 0x2 is invalid", p.stderr)
-
-    def directory_entry(self, image):
-        """File offset of the first bitmap directory entry."""
-        with open(image, "rb") as f:
-            head = f.read(65536)
-        (header_length,) = struct.unpack_from(">I", head, 100)
-        pos = header_length
-        while True:
-            kind, length = struct.unpack_from(">II", head, pos)
-            if kind == 0:
-                self.fail("no bitmaps extension")
-            if kind == 0x23852875:
-                return struct.unpack_from(">Q", head, pos + 8 + 16)[0], head
-            pos += 8 + (length + 7) // 8 * 8
-
-    def contents(self, image):
-        with open(image, "rb") as f:
-            return f.read()
-
-    def poke(self, image, offset, fmt, value):
-        with open(image, "r+b") as f:
-            f.seek(offset)
-            f.write(struct.pack(fmt, value))
 
     def test_hostile_directories_refused(self):
         base = self.make("h.qcow2", 64 * KiB)
         qemu_img("bitmap", "--add", base, "b")
         qemu_img("bitmap", "--add", base, "c")
         self.qemu_write(base, WRITES[:2])
-        entry, head = self.directory_entry(base)
+        entry, head = T.bitmap_directory(base)
         (l1_offset,) = struct.unpack_from(">Q", head, 40)
         size = os.path.getsize(base)
         second = entry + 32   # "b": 24 + 1-byte name, padded to 32
@@ -347,8 +301,8 @@ class Hostile(BitmapCase):
             with self.subTest(what):
                 image = self.path("hostile.qcow2")
                 shutil.copy(base, image)
-                self.poke(image, offset, fmt, value)
-                before = self.contents(image)
+                T.poke(image, offset, fmt, value)
+                before = T.file_contents(image)
                 commands = [["bitmap", "--add", image, "x"], ["bitmap", "--remove", image, "c"],
                             ["info", image], ["map", "--bitmap", "b", image]]
                 if what in qemu_opens:
@@ -362,7 +316,7 @@ class Hostile(BitmapCase):
                     self.assertIn(message, p.stdout + p.stderr, argv)
                 if what not in qemu_opens:
                     self.assertNotEqual(qemu_img("info", image, check=False).returncode, 0, "qemu refuses it too")
-                self.assertEqual(self.contents(image), before, "a refusal must not write")
+                self.assertEqual(T.file_contents(image), before, "a refusal must not write")
 
 
 if __name__ == "__main__":

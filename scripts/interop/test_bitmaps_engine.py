@@ -35,27 +35,6 @@ def bitmap_list(case, image):
 
 
 class EngineBitmaps(BitmapCase):
-    def directory_entry(self, image):
-        """File offset of the first bitmap directory entry, and the first 64 KiB of the file."""
-        with open(image, "rb") as f:
-            head = f.read(65536)
-        (pos,) = struct.unpack_from(">I", head, 100)
-        while True:
-            kind, length = struct.unpack_from(">II", head, pos)
-            self.assertNotEqual(kind, 0, "no bitmaps extension")
-            if kind == 0x23852875:
-                return struct.unpack_from(">Q", head, pos + 8 + 16)[0], head
-            pos += 8 + (length + 7) // 8 * 8
-
-    def contents(self, image):
-        with open(image, "rb") as f:
-            return f.read()
-
-    def poke(self, image, offset, fmt, value):
-        with open(image, "r+b") as f:
-            f.seek(offset)
-            f.write(struct.pack(fmt, value))
-
     def make_with_bitmaps(self, cluster):
         """Enabled bitmaps g512/g65536/g1048576 and a disabled one, all dirtied by earlier qemu-io
         writes; then one write after `frozen` was disabled (qemu marks only the enabled ones)."""
@@ -111,9 +90,9 @@ class EngineBitmaps(BitmapCase):
                 self.assertEqual(bitmap_list(self, image), before, "the same bitmaps, flags and granularities")
                 written = EARLIER + [(off, length) for _, off, length in SERVED]
                 for g in GRANULARITIES:
-                    self.assertEqual(self.qemu_nbd_runs(image, "g%d" % g), expected_runs(written, g), "g%d" % g)
+                    self.assertEqual(T.qemu_nbd_dirty_map(self.dir, image, "g%d" % g), expected_runs(written, g), "g%d" % g)
                 self.assertEqual(self.qnbd_runs(image, "frozen"), frozen, "a disabled bitmap is not changed")
-                self.assertEqual(self.qemu_nbd_runs(image, "frozen"), expected_runs(EARLIER, 65536))
+                self.assertEqual(T.qemu_nbd_dirty_map(self.dir, image, "frozen"), expected_runs(EARLIER, 65536))
 
     def test_qnbd_added_bitmap_dirtied_by_serving_reads_in_qemu(self):
         image = self.make("added.qcow2", 64 * KiB)
@@ -121,10 +100,10 @@ class EngineBitmaps(BitmapCase):
         self.serve_and_write(image, SERVED)
         self.assert_clean(image)
         self.assertEqual(bitmap_list(self, image), [("b", 65536, ("auto",))])
-        self.assertEqual(self.qemu_nbd_runs(image, "b"), expected_runs([(o, n) for _, o, n in SERVED], 65536))
+        self.assertEqual(T.qemu_nbd_dirty_map(self.dir, image, "b"), expected_runs([(o, n) for _, o, n in SERVED], 65536))
         # Served again, with more writes: they add to what was stored.
         self.serve_and_write(image, [("write", 30 * MiB, 1)])
-        self.assertEqual(self.qemu_nbd_runs(image, "b"),
+        self.assertEqual(T.qemu_nbd_dirty_map(self.dir, image, "b"),
                          expected_runs([(o, n) for _, o, n in SERVED] + [(30 * MiB, 1)], 65536))
 
     def test_killed_server_leaves_enabled_bitmaps_in_use(self):
@@ -146,7 +125,7 @@ class EngineBitmaps(BitmapCase):
 
     def test_hostile_directories_refused_or_read_only_never_written(self):
         base = self.make_with_bitmaps(64 * KiB)
-        entry, head = self.directory_entry(base)
+        entry, head = T.bitmap_directory(base)
         (l1_offset,) = struct.unpack_from(">Q", head, 40)
         cases = {
             "table into the L1 table": (entry, ">Q", l1_offset, False),
@@ -157,8 +136,8 @@ class EngineBitmaps(BitmapCase):
             with self.subTest(what):
                 image = self.path("hostile.qcow2")
                 shutil.copy(base, image)
-                self.poke(image, offset, fmt, value)
-                before = self.contents(image)
+                T.poke(image, offset, fmt, value)
+                before = T.file_contents(image)
                 srv = T.Server(self.dir, image)
                 if serves:
                     srv.start()
@@ -176,7 +155,7 @@ class EngineBitmaps(BitmapCase):
                     with self.assertRaises(T.ServerStartError):
                         srv.start()
                     srv.stop()
-                self.assertEqual(self.contents(image), before, "never written")
+                self.assertEqual(T.file_contents(image), before, "never written")
 
 
 if __name__ == "__main__":

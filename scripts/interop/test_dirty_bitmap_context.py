@@ -14,13 +14,10 @@
 # branch bitmap-engine); until that is merged the tests that serve one skip and say so.
 #
 # Run alone: /usr/bin/python3 -m unittest -v scripts/interop/test_dirty_bitmap_context.py
-import contextlib
 import json
 import os
 import signal
-import socket
 import struct
-import subprocess
 import sys
 import time
 import unittest
@@ -41,11 +38,6 @@ def qemu_img(*args, check=True):
 
 
 merged = T.merged_runs
-
-
-def nbdinfo_map(uri, context):
-    p = T.run(["nbdinfo", "--json", "--map=" + context, uri], timeout=60)
-    return merged([(e["offset"], e["length"], e["type"] & 1 == 1) for e in json.loads(p.stdout)])
 
 
 def libnbd_map(uri, context, structured=True):
@@ -104,40 +96,9 @@ class DirtyBitmapCase(T.QnbdTestCase):
             argv += ["-c", "write -P 0x5a %d %d" % (off, length)]
         T.run(argv + [image], timeout=120)
 
-    @contextlib.contextmanager
     def qemu_nbd(self, image, bitmaps, extra=()):
-        sock = self.path("qemu-nbd.sock")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock)
         # --persistent and --shared: several clients one after another and at once.
-        argv = ["qemu-nbd", "-r", "-f", "qcow2", "--persistent", "--shared=8", "-k", sock] + list(extra)
-        for b in bitmaps:
-            argv += ["-B", b]
-        log = self.path("qemu-nbd.log")
-        with open(log, "wb") as err:
-            proc = subprocess.Popen(argv + [image], stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.time() + 20
-            while not self.accepts(sock):
-                if proc.poll() is not None or time.time() > deadline:
-                    with open(log, errors="replace") as f:
-                        self.fail("qemu-nbd did not start: %s" % f.read())
-                time.sleep(0.05)
-            yield "nbd+unix:///?socket=" + T.uri_quote_socket(sock)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
-
-    @staticmethod
-    def accepts(sock):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(sock)
-            return True
-        except OSError:
-            return False
-        finally:
-            s.close()
+        return T.qemu_nbd_serving(self.dir, image, bitmaps, ["--persistent", "--shared=8"] + list(extra))
 
     def qnbd(self, image, bitmaps, read_only=True):
         """qnbd serving `bitmaps`; skips the test when this build cannot serve a qcow2 bitmap yet."""
@@ -167,25 +128,7 @@ class DirtyBitmapCase(T.QnbdTestCase):
 
     def set_in_use(self, image, index=0):
         """Marks bitmap `index` in use (flags in_use|auto), as a writer that crashed leaves it."""
-        with open(image, "r+b") as f:
-            head = f.read(65536)
-            (header_length,) = struct.unpack_from(">I", head, 100)
-            pos = header_length
-            while True:
-                kind, length = struct.unpack_from(">II", head, pos)
-                self.assertNotEqual(kind, 0, "no bitmaps extension")
-                if kind == 0x23852875:
-                    (entry,) = struct.unpack_from(">Q", head, pos + 8 + 16)
-                    break
-                pos += 8 + (length + 7) // 8 * 8
-            for _ in range(index):
-                f.seek(entry)
-                e = f.read(24)
-                (name_len,) = struct.unpack_from(">H", e, 18)
-                (extra,) = struct.unpack_from(">I", e, 20)
-                entry += (24 + extra + name_len + 7) // 8 * 8
-            f.seek(entry + 12)
-            f.write(struct.pack(">I", 3))
+        T.poke(image, T.bitmap_entry(image, index) + 12, ">I", 3)
 
 
 class Startup(DirtyBitmapCase):
@@ -252,11 +195,11 @@ class Maps(DirtyBitmapCase):
                     self.qemu_write(image, WRITES)
                     ctx = "qemu:dirty-bitmap:b"
                     with self.qemu_nbd(image, ["b"]) as uri:
-                        want = nbdinfo_map(uri, ctx)
+                        want = T.nbdinfo_map(uri, ctx)
                         self.assertIsNone(libnbd_map(uri, ctx, structured=False))
                     self.assertTrue(any(d for _, _, d in want))
                     srv = self.qnbd(image, ["b"])
-                    self.assertEqual(nbdinfo_map(srv.uri(), ctx), want)
+                    self.assertEqual(T.nbdinfo_map(srv.uri(), ctx), want)
                     self.assertEqual(libnbd_map(srv.uri(), ctx), want)
                     self.assertIsNone(libnbd_map(srv.uri(), ctx, structured=False),
                                       "without structured replies no meta context is negotiated")
@@ -285,11 +228,11 @@ class Maps(DirtyBitmapCase):
         self.qemu_write(image, WRITES[3:])
         contexts = ["qemu:dirty-bitmap:fine", "qemu:dirty-bitmap:coarse"]
         with self.qemu_nbd(image, ["fine", "coarse"]) as uri:
-            want = [nbdinfo_map(uri, c) for c in contexts]
-            want_alloc = nbdinfo_map(uri, "base:allocation")
+            want = [T.nbdinfo_map(uri, c) for c in contexts]
+            want_alloc = T.nbdinfo_map(uri, "base:allocation")
         srv = self.qnbd(image, ["fine", "coarse"])
-        self.assertEqual([nbdinfo_map(srv.uri(), c) for c in contexts], want)
-        self.assertEqual(nbdinfo_map(srv.uri(), "base:allocation"), want_alloc)
+        self.assertEqual([T.nbdinfo_map(srv.uri(), c) for c in contexts], want)
+        self.assertEqual(T.nbdinfo_map(srv.uri(), "base:allocation"), want_alloc)
         # All three contexts in one request: one chunk each, in context-id order.
         c = self.raw(srv)
         c.negotiate(meta=["qemu:dirty-bitmap:coarse", "base:allocation", "qemu:dirty-bitmap:fine"])
@@ -373,7 +316,7 @@ class Backup(DirtyBitmapCase):
         # Full copy, read through qnbd with the bitmap exposed (it is clean now).
         full = self.path("full-%d.raw" % cluster)
         srv = self.qnbd(image, ["backup"])
-        self.assertEqual(nbdinfo_map(srv.uri(), "qemu:dirty-bitmap:backup"), [(0, SIZE, False)])
+        self.assertEqual(T.nbdinfo_map(srv.uri(), "qemu:dirty-bitmap:backup"), [(0, SIZE, False)])
         T.run(["nbdcopy", srv.uri(), full], timeout=120)
         self.stop(srv)
         # The guest writes through NBD, qnbd read-write.
@@ -391,9 +334,9 @@ class Backup(DirtyBitmapCase):
         self.assertEqual(qemu_img("check", image, check=False).returncode, 0)
         # The dirty map, from qnbd and from qemu-nbd, covers every byte written.
         srv = self.qnbd(image, ["backup"])
-        dirty = nbdinfo_map(srv.uri(), "qemu:dirty-bitmap:backup")
+        dirty = T.nbdinfo_map(srv.uri(), "qemu:dirty-bitmap:backup")
         with self.qemu_nbd(image, ["backup"]) as uri:
-            self.assertEqual(nbdinfo_map(uri, "qemu:dirty-bitmap:backup"), dirty)
+            self.assertEqual(T.nbdinfo_map(uri, "qemu:dirty-bitmap:backup"), dirty)
         for off, length in writes + [zeroed, trimmed]:
             for start, n, is_dirty in dirty:
                 if start <= off < start + n:
@@ -418,7 +361,7 @@ class Backup(DirtyBitmapCase):
         # Clear the bitmap for the next backup: nothing dirty any more.
         T.run([T.QNBD, "bitmap", "--clear", image, "backup"], timeout=60)
         with self.qemu_nbd(image, ["backup"]) as uri:
-            self.assertEqual(nbdinfo_map(uri, "qemu:dirty-bitmap:backup"), [(0, SIZE, False)])
+            self.assertEqual(T.nbdinfo_map(uri, "qemu:dirty-bitmap:backup"), [(0, SIZE, False)])
         self.assertEqual(qemu_img("check", image, check=False).returncode, 0)
 
 

@@ -13,12 +13,18 @@ import qnbdtest as T
 POWERCUT = os.path.join(T.REPO, "scripts", "powercut")
 
 
-class PowerCutTests(unittest.TestCase):
+class PowerCutRun(unittest.TestCase):
+    """One scripts/powercut run per class, made once in setUpClass: IMAGES crash images, SEED, and
+    EXTRA arguments (the parameters the subclasses set)."""
+    IMAGES = 0
+    SEED = 0
+    EXTRA = ()
+
     @classmethod
     def setUpClass(cls):
         if T.nbd is None:
             raise unittest.SkipTest("python3-libnbd not importable (use /usr/bin/python3)")
-        run = subprocess.run([sys.executable, POWERCUT, "--images", "150", "--seed", "11", "--self-test"],
+        run = subprocess.run([sys.executable, POWERCUT, "--images", str(cls.IMAGES), "--seed", str(cls.SEED)] + list(cls.EXTRA),
                              capture_output=True, text=True, timeout=600)
         cls.rc, cls.out = run.returncode, run.stdout + run.stderr
 
@@ -26,6 +32,12 @@ class PowerCutTests(unittest.TestCase):
         m = re.search(pattern, self.out)
         self.assertIsNotNone(m, "no %r in the output:\n%s" % (pattern, self.out))
         return [int(g, 0) for g in m.groups()]
+
+
+class PowerCutTests(PowerCutRun):
+    IMAGES = 150
+    SEED = 11
+    EXTRA = ("--self-test",)
 
     def test_workload_covers_allocation_growth_discard_and_reuse(self):
         self.assertGreater(self.number(r"L1 table updates \(new L2 tables linked\): (\d+)")[0], 0)
@@ -55,28 +67,23 @@ class PowerCutTests(unittest.TestCase):
         self.assertGreater(lost, 0, "dropping a sync's writes must show as lost data somewhere:\n" + self.out)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
-class PowerCutBitmapTests(unittest.TestCase):
+class PowerCutBitmapTests(PowerCutRun):
     """The same on an image with persistent bitmaps: every crash image keeps the disabled bitmap as it
     was and has the enabled one in use, or consistent and covering every request; the clean stop
     stores it (the bitmap store at close is in the log, so it is replayed and cut like the rest)."""
-
-    @classmethod
-    def setUpClass(cls):
-        if T.nbd is None:
-            raise unittest.SkipTest("python3-libnbd not importable (use /usr/bin/python3)")
-        run = subprocess.run([sys.executable, POWERCUT, "--images", "60", "--seed", "13", "--bitmaps"],
-                             capture_output=True, text=True, timeout=600)
-        cls.rc, cls.out = run.returncode, run.stdout + run.stderr
+    IMAGES = 60
+    SEED = 13
+    EXTRA = ("--bitmaps",)
 
     def test_bitmaps_in_use_or_consistent_in_every_crash_image(self):
         self.assertIn("bitmaps: stored at the clean stop", self.out)
         m = re.search(r"crash images checked: (\d+); failures: (\d+)", self.out)
         self.assertIsNotNone(m, self.out)
-        self.assertEqual(int(m.group(1)), 60)
+        self.assertEqual(int(m.group(1)), self.IMAGES)
         self.assertEqual(int(m.group(2)), 0, self.out)
         self.assertNotIn("PROBLEM:", self.out)
         self.assertEqual(self.rc, 0, self.out)
+
+
+if __name__ == "__main__":
+    unittest.main()

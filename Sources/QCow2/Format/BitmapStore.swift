@@ -39,6 +39,7 @@ public enum BitmapStore {
     public static func store(_ bitmaps: [StoredBitmap], removed: [StoredBitmap], image: ImageMetadata) throws(QCow2Error) {
         let allocator = try OfflineAllocator(image: image)
         let cs = image.clusterSize
+        try requireReferenced(bitmaps + removed, image: image, allocator: allocator)
         var entries: [BitmapEntry] = []
         var freed: [(offset: UInt64, clusters: UInt64)] = removed.flatMap(\.onDisk)
         for bitmap in bitmaps {
@@ -85,6 +86,35 @@ public enum BitmapStore {
         // Only now is nothing durable pointing at the old structures.
         for (offset, clusters) in freed { try allocator.free(offset, clusters: clusters) }
         try allocator.commit()
+    }
+
+    /// Refuses, before anything is written, an image whose refcounts call a cluster of the bitmaps (the
+    /// directory, a table, a data cluster) free: the allocator would hand it out for new bitmap data and
+    /// overwrite what the old directory still points at (a disabled bitmap's bits, or the directory a
+    /// crash would fall back to), and freeing it after the switch would find it already free.
+    static func requireReferenced(_ bitmaps: [StoredBitmap], image: ImageMetadata,
+                                  allocator: OfflineAllocator) throws(QCow2Error) {
+        let cs = image.clusterSize
+        func check(_ offset: UInt64, clusters: UInt64, _ what: String) throws(QCow2Error) {
+            for c in (offset / cs)..<(offset / cs + clusters) where try allocator.refcount(ofCluster: c) == 0 {
+                throw QCow2Error(what, "cluster \(hex(c * cs)) has refcount 0; the refcounts are corrupt (repair with `qnbd check -r all`)")
+            }
+        }
+        if let directory = try BitmapDirectory(header: image.header) {
+            try check(directory.offset, clusters: (directory.byteCount + cs - 1) / cs, "bitmap directory")
+        }
+        for bitmap in bitmaps where bitmap.entry.tableOffset != 0 {
+            let what = "bitmap '\(bitmap.entry.name)'"
+            for (offset, clusters) in bitmap.onDisk { try check(offset, clusters: clusters, what) }
+            // Unchanged bitmaps come without `onDisk`: their table and data stay, so they must stay
+            // allocated. A table that does not parse (an in-use bitmap's, never loaded) counts alone.
+            try check(bitmap.entry.tableOffset, clusters: (UInt64(bitmap.entry.tableSize) * 8 + cs - 1) / cs, what)
+            if bitmap.onDisk.isEmpty, let table = try? BitmapValidation.table(
+                of: bitmap.entry, clusterSize: cs, fileSize: image.fileLength,
+                regions: MetadataRegions(header: image.header), read: image.loader.read) {
+                for case .data(let offset) in table { try check(offset, clusters: 1, what) }
+            }
+        }
     }
 
     static func padded(_ bytes: [UInt8], _ cs: UInt64) -> [UInt8] {

@@ -12,8 +12,8 @@
 #
 # A package of parts, one idea each: settings (paths, env), wire (protocol constants), scratch (folders),
 # processes (subprocesses), images (test images), launcher (servers), client (raw NBD client), libnbd
-# (python3-libnbd helpers), case (QnbdTestCase). `import qnbdtest as T` gives all of them, as the tests
-# and scripts have always used it.
+# (python3-libnbd helpers), case (QnbdTestCase), bitmaps (the qcow2 bitmap directory, qemu-nbd -B maps).
+# `import qnbdtest as T` gives all of them, as the tests and scripts have always used it.
 
 from .settings import *  # noqa: F401,F403
 from .wire import *  # noqa: F401,F403
@@ -24,3 +24,4 @@ from .launcher import *  # noqa: F401,F403
 from .client import *  # noqa: F401,F403
 from .libnbd import *  # noqa: F401,F403
 from .case import *  # noqa: F401,F403
+from .bitmaps import *  # noqa: F401,F403
