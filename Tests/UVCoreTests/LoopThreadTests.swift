@@ -12,10 +12,12 @@ import Testing
         let name = Mutex("")
         let thread = try LoopThread(name: "qnbd-test-thread") {
             ranElsewhere.withLock { $0 = pthread_equal(pthread_self(), caller) == 0 }
-            var buffer = [CChar](repeating: 0, count: 32)
+            var buffer = [UInt8](repeating: 0, count: 32)
             let fd = open("/proc/thread-self/comm", O_RDONLY)
-            if fd >= 0 { _ = read(fd, &buffer, 31); close(fd) }
-            name.withLock { $0 = String(cString: buffer).trimmingCharacters(in: "\n") }
+            var count = 0
+            if fd >= 0 { count = max(read(fd, &buffer, 31), 0); close(fd) }
+            let text = String(decoding: buffer[..<count], as: UTF8.self)
+            name.withLock { $0 = text.trimmingCharacters(in: "\n") }
         }
         thread.join()
         thread.join()   // idempotent
