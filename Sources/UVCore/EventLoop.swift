@@ -60,7 +60,7 @@ public final class EventLoop {
 
     deinit {
         if !isClosed {
-            closeTurnEndHandle()
+            closeTurnEndHandle(finishingCloses: false)
             guard uv_loop_close(raw) == 0 else { return }   // leak on purpose, see above
         }
         raw.deallocate()
@@ -105,13 +105,15 @@ public final class EventLoop {
     /// Closes the turn-end handle, then runs one non-blocking pass so that every handle whose close
     /// was requested since the loop last ran (the turn-end handle, a FileIO ring's poll handle closed
     /// after `run()` returned) gets its close callback and stops counting as open.
-    private func closeTurnEndHandle() {
+    /// Not from deinit (`finishingCloses: false`): a pass there could call into loop objects that are
+    /// already gone.
+    private func closeTurnEndHandle(finishingCloses: Bool = true) {
         if let handle = turnEnd, turnEndTasks.isEmpty, runningTasks.isEmpty {
             uv_close(UnsafeMutableRawPointer(handle).assumingMemoryBound(to: uv_handle_t.self), nil)
             uv_run(raw, UV_RUN_NOWAIT)
             handle.deallocate()
             turnEnd = nil
-        } else {
+        } else if finishingCloses {
             uv_run(raw, UV_RUN_NOWAIT)
         }
     }
