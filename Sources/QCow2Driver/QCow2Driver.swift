@@ -31,7 +31,7 @@ public final class QCow2Driver: BlockDevice {
     var faults: FaultInjector?
     // Loop-confined and never accessed overlapping: no dynamic exclusivity checks on the request path.
     @exclusivity(unchecked) private var callers = CallerTable()
-    @exclusivity(unchecked) private var inPlaceWrites = InPlaceWriteTable()
+    @exclusivity(unchecked) private var inPlaceWrites = SlotTable<InPlaceWriteEntry>()
     @exclusivity(unchecked) private var pumping = false
     private var failureReported = false
     /// Called once, on the loop, when the image turns read-only after an error (the reason names the
@@ -260,7 +260,7 @@ public final class QCow2Driver: BlockDevice {
         if let faults, let errno = faults.fault(.write, offset: write.host, length: UInt64(buffer.count)) {
             return finishInPlace(write, result: -Int(errno), tag: tag, handler: handler)
         }
-        let slot = inPlaceWrites.insert(.init(tag: tag, handler: handler, write: write))
+        let slot = inPlaceWrites.insert(InPlaceWriteEntry(tag: tag, handler: handler, write: write))
         if case .done(let result) = io.write(fd: fd, from: buffer, offset: write.host, dsync: false,
                                              context: Self.inPlaceTag | UInt64(slot), completion: self) {
             let entry = inPlaceWrites.remove(slot)

@@ -1,5 +1,5 @@
-// A slab of requests waiting on FileIO. Slots are reused through a free list, so steady-state traffic
-// does not allocate; the slot index is the integer context FileIO hands back.
+// The raw driver's requests waiting on FileIO, in a SlotTable: the slot index is the integer context
+// FileIO hands back.
 
 import BlockDevice
 
@@ -16,23 +16,13 @@ struct InFlightTable {
         var kind: Kind
     }
 
-    private var entries: [Entry?] = []
-    private var free: [Int] = []
+    private var slots = SlotTable<Entry>()
 
     mutating func insert(tag: UInt64, handler: BlockIOHandler, kind: Kind) -> Int {
-        let entry = Entry(tag: tag, handler: handler, kind: kind)
-        if let slot = free.popLast() {
-            entries[slot] = entry
-            return slot
-        }
-        entries.append(entry)
-        return entries.count - 1
+        slots.insert(Entry(tag: tag, handler: handler, kind: kind))
     }
 
     mutating func remove(slot: Int) -> Entry {
-        guard let entry = entries[slot] else { preconditionFailure("completion for empty slot \(slot)") }
-        entries[slot] = nil
-        free.append(slot)
-        return entry
+        slots.remove(slot)
     }
 }
