@@ -19,10 +19,6 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     return 0
 }
 
-func check(_ condition: Bool, _ message: @autoclosure () -> String) {
-    if !condition { fatalError("invariant: \(message())") }
-}
-
 func fuzzImage(_ file: [UInt8]) {
     let fileSize = UInt64(file.count)
     // Open as QCow2Driver does.

@@ -35,20 +35,6 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     return 0
 }
 
-func check(_ condition: Bool, _ message: @autoclosure () -> String) {
-    if !condition { fatalError("invariant: \(message())") }
-}
-
-/// Bytes of `file` at `offset`, zeros past its end (as a reader of the real file sees them).
-func bytes(_ file: [UInt8], at offset: UInt64, count: Int) -> [UInt8] {
-    var out = [UInt8](repeating: 0, count: count)
-    if offset < UInt64(file.count) {
-        let n = min(count, file.count - Int(offset))
-        out.replaceSubrange(0..<n, with: file[Int(offset)..<Int(offset) + n])
-    }
-    return out
-}
-
 func fuzzWritable(image file: [UInt8], script: [UInt8]) {
     let fileSize = UInt64(file.count)
     let prefix = Array(file.prefix(104))
@@ -62,22 +48,22 @@ func fuzzWritable(image file: [UInt8], script: [UInt8]) {
     // Keep each run small and fast: clusters up to 64 KiB (every allocation writes a whole one), and
     // the cache and the refcount blocks are loaded whole.
     guard g.clusterBits <= 16, UInt64(header.refcountTableClusters) * cluster <= 1 << 20, header.l1Size <= 1 << 16 else { return }
-    let l1Bytes = bytes(file, at: header.l1TableOffset, count: Int(header.l1Size) * 8)
+    let l1Bytes = fileBytes(file, at: header.l1TableOffset, count: Int(header.l1Size) * 8)
     let l1 = (0..<Int(header.l1Size)).map { l1Bytes.be64($0 * 8) }
-    let tableBytes = bytes(file, at: header.refcountTableOffset, count: Int(header.refcountTableClusters) * Int(cluster))
+    let tableBytes = fileBytes(file, at: header.refcountTableOffset, count: Int(header.refcountTableClusters) * Int(cluster))
     let table = (0..<(tableBytes.count / 8)).map { tableBytes.be64($0 * 8) }
     var blocks: [Int: [UInt8]] = [:]
     for (i, offset) in table.enumerated() where offset != 0 {
         // QCow2Driver refuses the image otherwise.
         guard offset % cluster == 0, offset < fileSize else { return }
-        blocks[i] = bytes(file, at: offset, count: Int(cluster))
+        blocks[i] = fileBytes(file, at: offset, count: Int(cluster))
     }
     guard blocks.count <= 64 else { return }
     let backingSize: UInt64? = header.backingFileName != nil ? header.size : nil
     let cacheBytes = min(QCow2Engine.defaultCacheBytes(header: header), 4 * Int(cluster))
     // The snapshot table is parsed as QCow2Driver does; its clusters are protected like other metadata.
     guard let snapshots = try? SnapshotMetadata(header: header, fileSize: fileSize, read: { (offset, count) throws(QCow2Error) in
-        bytes(file, at: offset, count: count)
+        fileBytes(file, at: offset, count: count)
     }) else { return }
     guard let engine = try? QCow2Engine(header: header, l1: l1, fileSize: fileSize, backingSize: backingSize,
                                         cacheBytes: cacheBytes, refcountTable: table, refcountBlocks: blocks,
@@ -286,7 +272,7 @@ final class WriteShell {
     private func execute(_ action: IOAction, ownedClusters: UInt64) -> (IOToken, IOResult) {
         switch action {
         case .readFile(let token, let offset, let into):
-            into.copyBytes(from: bytes(file, at: offset, count: into.count))
+            into.copyBytes(from: fileBytes(file, at: offset, count: into.count))
             return (token, .success)
         case .writeFile(let token, let offset, let from, _):
             let end = offset + UInt64(from.count)
