@@ -4,6 +4,7 @@
 # STARTTLS followed by injected plaintext, and clients that stall after STARTTLS.
 # Run alone: /usr/bin/python3 -m unittest -v scripts/interop/test_tls.py   (QNBD=... to pick the server)
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -104,6 +105,14 @@ class Credentials:
 
 def q(path):
     return T.uri_quote_socket(path)
+
+
+def cpu_has_aes():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith(("flags", "Features")):
+                return "aes" in line.split(":", 1)[1].split()
+    return False
 
 
 @unittest.skipUnless(HAVE_TOOLS, "certtool, psktool and nbdinfo are needed")
@@ -214,6 +223,24 @@ class TLSPSKTest(TLSBase):
         unix = self.serve("--tls-psk", self.cred.psk, tcp=False, socket_path=os.path.join(self.dir, "u.sock"),
                           pid_file=os.path.join(self.dir, "u.pid"))
         self.assertIn("with TLS", T.as_text(self.nbdinfo(self.psk_uri(unix, user="bob")).stdout))
+
+    def negotiated(self, srv):
+        m = re.search(r"TLS \((TLS[0-9.]+)\)-[^(]*-\(([A-Z0-9-]+)\)", srv.log())
+        self.assertIsNotNone(m, "no TLS line in the server log:\n" + srv.log()[-2000:])
+        return m.group(2)
+
+    @unittest.skipUnless(cpu_has_aes(), "the CPU has no AES instructions: GnuTLS's order is kept")
+    def test_psk_gets_aes_gcm_not_chacha20(self):
+        # A SHA-256 PSK rules out AES-256-GCM-SHA384 in TLS 1.3, and the client's NORMAL order would
+        # then pick CHACHA20-POLY1305, ten times slower than AES-128-GCM where AES-NI exists.
+        srv = self.serve("--tls", "require", "--tls-psk", self.cred.psk, "-v")
+        self.nbdinfo(self.psk_uri(srv))
+        self.assertEqual(self.negotiated(srv), "AES-128-GCM")
+        # An explicit priority string is used as given: the operator's order, not ours.
+        own = self.serve("--tls", "require", "--tls-psk", self.cred.psk, "-v", "--tls-priority",
+                         "NORMAL:-VERS-ALL:+VERS-TLS1.3:-AES-128-GCM:-AES-256-GCM:-AES-128-CCM:-AES-256-CCM")
+        self.nbdinfo(self.psk_uri(own))
+        self.assertEqual(self.negotiated(own), "CHACHA20-POLY1305")
 
     def test_wrong_psk_is_refused(self):
         srv = self.serve("--tls", "require", "--tls-psk", self.cred.psk)
