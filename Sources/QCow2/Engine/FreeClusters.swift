@@ -15,11 +15,10 @@ struct FreeClusters {
     private(set) var readyCount = 0
     /// Freed clusters waiting for older I/O, in the order of their frees (generations ascending,
     /// which is the order frees are applied in).
-    private var quarantine: [(cluster: UInt64, generation: UInt64)] = []
-    private var quarantineHead = 0
+    private var quarantine = ArrayQueue<(cluster: UInt64, generation: UInt64)>()
 
-    var isEmpty: Bool { readyCount == 0 && quarantineHead == quarantine.count }
-    var count: Int { readyCount + quarantine.count - quarantineHead }
+    var isEmpty: Bool { readyCount == 0 && quarantine.isEmpty }
+    var count: Int { readyCount + quarantine.count }
 
     /// Adds a free cluster; `generation` 0 means nothing in flight can have it (ready at once).
     mutating func insert(_ cluster: UInt64, generation: UInt64) {
@@ -34,19 +33,12 @@ struct FreeClusters {
     /// nil when none is) to the ready set. Stops at the first one still too young: later frees are
     /// no older, so nothing eligible is skipped for long, and waiting longer is always safe.
     mutating func release(oldestInFlight: UInt64?) {
-        while quarantineHead < quarantine.count {
-            let q = quarantine[quarantineHead]
+        while let q = quarantine.first {
             if let oldest = oldestInFlight, q.generation > oldest { break }
             setReady(q.cluster)
-            quarantineHead += 1
+            _ = quarantine.popFirst()
         }
-        if quarantineHead == quarantine.count {
-            quarantine.removeAll(keepingCapacity: true)
-            quarantineHead = 0
-        } else if quarantineHead >= 1024 && quarantineHead * 2 >= quarantine.count {
-            quarantine.removeFirst(quarantineHead)
-            quarantineHead = 0
-        }
+        quarantine.compact()
     }
 
     /// Takes the lowest run of up to `maximum` consecutive ready clusters; nil when none is ready.

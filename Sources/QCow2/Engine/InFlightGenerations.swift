@@ -6,15 +6,14 @@
 // request and scan all its keys for every allocation.
 
 struct InFlightGenerations {
-    private var entries: [(generation: UInt64, count: Int)] = []
-    private var head = 0
+    private var entries = ArrayQueue<(generation: UInt64, count: Int)>()
 
     /// One more request in flight at `generation` (never older than one pinned before).
     mutating func pin(_ generation: UInt64) {
-        if head < entries.count, entries[entries.count - 1].generation == generation {
-            entries[entries.count - 1].count += 1
+        if let newest = entries.last, newest.generation == generation {
+            entries.modify(fromNewest: 0) { $0.count += 1 }
         } else {
-            precondition(head == entries.count || entries[entries.count - 1].generation < generation,
+            precondition(entries.last.map { $0.generation < generation } ?? true,
                          "generations are pinned in ascending order")
             entries.append((generation, 1))
         }
@@ -23,23 +22,19 @@ struct InFlightGenerations {
     /// A request pinned at `generation` has finished.
     mutating func unpin(_ generation: UInt64) {
         // Usually the newest entry or close to it: search from the end.
-        var i = entries.count - 1
-        while entries[i].generation != generation {
-            i -= 1
-            precondition(i >= head, "unpinning generation \(generation), which has nothing in flight")
+        var distance = 0
+        while true {
+            precondition(distance < entries.count, "unpinning generation \(generation), which has nothing in flight")
+            if entries.element(fromNewest: distance).generation == generation { break }
+            distance += 1
         }
-        entries[i].count -= 1
-        precondition(entries[i].count >= 0)
-        while head < entries.count && entries[head].count == 0 { head += 1 }
-        if head == entries.count {
-            entries.removeAll(keepingCapacity: true)
-            head = 0
-        } else if head >= 64 && head * 2 >= entries.count {
-            entries.removeFirst(head)
-            head = 0
+        entries.modify(fromNewest: distance) { entry in
+            entry.count -= 1
+            precondition(entry.count >= 0)
         }
+        entries.removeFirst(while: { $0.count == 0 })
     }
 
     /// The oldest generation with a request in flight; nil when none is.
-    var oldest: UInt64? { head < entries.count ? entries[head].generation : nil }
+    var oldest: UInt64? { entries.first?.generation }
 }

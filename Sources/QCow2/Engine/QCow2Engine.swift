@@ -40,9 +40,7 @@ public final class QCow2Engine {
     @exclusivity(unchecked) var reads = Slab<ReadID, ReadRequest>()
     @exclusivity(unchecked) var statuses = Slab<StatusID, StatusRequest>()
     @exclusivity(unchecked) var tokens = Slab<IOToken, TokenPurpose>()
-    @exclusivity(unchecked) var outbox: [IOAction] = []
-    /// Actions before this index have been handed to the shell.
-    @exclusivity(unchecked) var outboxHead = 0
+    @exclusivity(unchecked) var outbox = ArrayQueue<IOAction>(reservingCapacity: 64)
     let compression: CompressionAlgorithm
     /// Set after a metadata write or sync failed for a reason other than space: the image is read-only
     /// from then on (H10).
@@ -96,7 +94,6 @@ public final class QCow2Engine {
             }
             if offset != 0, let writing { writing.l2TableClusters.insert(offset / geometry.clusterSize) }
         }
-        outbox.reserveCapacity(64)
     }
 
     /// A read-only engine.
@@ -128,27 +125,15 @@ public final class QCow2Engine {
     /// shell executes one (inline completions) come out of later calls. Draining one by one, with the
     /// outbox's storage kept, costs no allocation per request, where handing out the array did.
     public func nextAction() -> IOAction? {
-        guard outboxHead < outbox.count else {
-            if outboxHead > 0 {
-                outbox.removeAll(keepingCapacity: true)
-                outboxHead = 0
-            }
-            return nil
-        }
-        defer { outboxHead += 1 }
-        return outbox[outboxHead]
+        outbox.popFirst()
     }
 
     /// Hands all pending actions to the shell at once (tests that choose the completion order).
     public func takeActions() -> [IOAction] {
-        defer {
-            outbox.removeAll(keepingCapacity: true)
-            outboxHead = 0
-        }
-        return Array(outbox[outboxHead...])
+        outbox.removeAll()
     }
 
-    public var hasActions: Bool { outboxHead < outbox.count }
+    public var hasActions: Bool { !outbox.isEmpty }
 
     /// Requests still in flight, in-place fast-path writes included.
     public var activeRequests: Int {
