@@ -164,15 +164,16 @@ import Glibc
             a.request(.read, cookie: UInt64(i), offset: UInt64(i) * 16384, length: 16384)
             b.request(.read, cookie: UInt64(i), offset: UInt64(i) * 16384, length: 16384)
         }
-        for client in [a, b] {
-            var seen = Set<UInt64>()
-            for _ in 0..<count {
-                let r = try #require(client.reply { _ in 16384 })
-                #expect(r.error == 0)
-                seen.insert(r.cookie)
-            }
-            #expect(seen.count == count)
-        }
+        // Both clients are read at the same time. Read one after the other, the unread client's
+        // replies fill its socket and then hold the shared budget, and the client being read waits
+        // for budget that only a reader of the other can free: the budget bounds memory, it does
+        // not promise progress to one client while another stops reading. Whether that happened
+        // depended on scheduling (the test failed now and then on a loaded machine).
+        let other = RepliesReader(client: b, count: count, length: 16384)
+        let seenA = RepliesReader.read(a, count: count, length: 16384)
+        let seenB = other.wait()
+        #expect(seenA.replies == count && seenA.errors == 0 && seenA.cookies.count == count)
+        #expect(seenB.replies == count && seenB.errors == 0 && seenB.cookies.count == count)
         #expect(server.shutdown() == 0)
     }
 
@@ -184,5 +185,37 @@ import Glibc
         #expect(server.shutdown() == 0)
         #expect(Date().timeIntervalSince(start) < 10)
         #expect(client.receive(1) == nil)
+    }
+}
+
+/// Reads `count` replies of `length` data bytes from a client on a thread of its own.
+private final class RepliesReader: @unchecked Sendable {
+    typealias Tally = (replies: Int, errors: Int, cookies: Set<UInt64>)
+    private let done = DispatchSemaphore(value: 0)
+    // Written by the reader thread before `done` is signalled, read after `wait()` returns.
+    private var tally: Tally = (0, 0, [])
+
+    init(client: TestClient, count: Int, length: Int) {
+        nonisolated(unsafe) let client = client
+        Thread { [self] in
+            tally = Self.read(client, count: count, length: length)
+            done.signal()
+        }.start()
+    }
+
+    func wait() -> Tally {
+        done.wait()
+        return tally
+    }
+
+    static func read(_ client: TestClient, count: Int, length: Int) -> Tally {
+        var tally: Tally = (0, 0, [])
+        for _ in 0..<count {
+            guard let reply = client.reply(dataLength: { _ in length }) else { break }
+            tally.replies += 1
+            if reply.error != 0 { tally.errors += 1 }
+            tally.cookies.insert(reply.cookie)
+        }
+        return tally
     }
 }
