@@ -32,7 +32,17 @@ public protocol DirtyBitmapDevice: BlockDevice {
     /// Completes with `.extents` covering a prefix of `offset ..< offset + length` (never empty, never
     /// past the range), each run at the bitmap's granularity with `flags.rawValue` 1 where the bitmap
     /// is dirty (NBD_STATE_DIRTY of the `qemu:dirty-bitmap:` context) and 0 where it is clean, and
-    /// `depth` 0. Writes completed before the call are reflected. An unknown or inconsistent `name`
-    /// fails with `BlockError.invalid`.
+    /// `depth` 0. Writes completed before the call are reflected. A `name` that
+    /// `dirtyBitmaps.servableIndex(named:)` does not find fails with `BlockError.invalid`.
     func dirtyBitmapStatus(name: String, offset: UInt64, length: UInt64, tag: UInt64, handler: BlockIOHandler)
+}
+
+extension Array where Element == DirtyBitmapInfo {
+    /// The index of the bitmap called `name` if status queries may read it: it exists and is not
+    /// inconsistent. The one statement of that rule, for the driver and for a proxy on another loop
+    /// (which decides from its copy of the list and sends the index).
+    public func servableIndex(named name: String) -> Int? {
+        guard let index = firstIndex(where: { $0.name == name }), !self[index].inconsistent else { return nil }
+        return index
+    }
 }

@@ -236,7 +236,7 @@ final class ProxyDevice: DirtyBitmapDevice, TurnEndTask {
 
     /// An unknown or inconsistent name fails here, as the device itself would fail it.
     func dirtyBitmapStatus(name: String, offset: UInt64, length: UInt64, tag: UInt64, handler: BlockIOHandler) {
-        guard let index = dirtyBitmaps.firstIndex(where: { $0.name == name }), !dirtyBitmaps[index].inconsistent else {
+        guard let index = dirtyBitmaps.servableIndex(named: name) else {
             return handler.blockIOCompleted(tag: tag, outcome: .failed(.invalid))
         }
         post(.dirtyBitmapStatus, offset: offset, length: length, bitmap: UInt16(index), tag: tag, handler: handler)

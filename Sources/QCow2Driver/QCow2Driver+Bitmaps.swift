@@ -83,8 +83,8 @@ struct OpenedBitmaps {
 
 extension QCow2Driver: DirtyBitmapDevice {
     public func dirtyBitmapStatus(name: String, offset: UInt64, length: UInt64, tag: UInt64, handler: BlockIOHandler) {
-        guard let index = engine.bitmaps.firstIndex(where: { $0.name == name }), !engine.bitmaps[index].inconsistent,
-              offset < size, length > 0 else {
+        // dirtyBitmaps is the engine's list as opened, in the same order.
+        guard let index = dirtyBitmaps.servableIndex(named: name), offset < size, length > 0 else {
             return handler.blockIOCompleted(tag: tag, outcome: .failed(.invalid))
         }
         let runs = engine.bitmaps[index].runs(offset: offset, length: length, maximumRuns: Self.maximumBitmapRuns)
