@@ -108,8 +108,16 @@ private func loadError(_ configuration: TLSConfiguration) -> TLSSetupError? {
     }
 
     @Test func priorityStrings() {
-        #expect(TLSConfiguration(certificateDirectory: "d").effectivePriority == "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2")
+        let base = "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
+        #expect(TLSConfiguration.defaultPriority(aesInstructions: false) == base)
+        #expect(TLSConfiguration.defaultPriority(aesInstructions: true) == base + ":%SERVER_PRECEDENCE:-CHACHA20-POLY1305:+CHACHA20-POLY1305")
+        #expect(TLSConfiguration(certificateDirectory: "d").effectivePriority == TLSConfiguration.defaultPriority)
         #expect(TLSConfiguration(pskFile: "k").effectivePriority.hasSuffix(":+ECDHE-PSK:+DHE-PSK:+PSK"))
+        // Both defaults are strings GnuTLS accepts, with and without the PSK key exchanges.
+        for aes in [false, true] {
+            let priority = TLSConfiguration.defaultPriority(aesInstructions: aes)
+            #expect(loadError(TLSConfiguration(certificateDirectory: credentials.directory, priority: priority)) == nil)
+        }
         guard case .badConfiguration(let message) = loadError(TLSConfiguration(certificateDirectory: credentials.directory,
                                                                                 priority: "NORMAL:+NO-SUCH-THING")) else {
             Issue.record("a bad priority string loaded")
