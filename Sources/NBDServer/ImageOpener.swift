@@ -1,6 +1,7 @@
 // Opens the image an export configuration names with the driver its format needs. What the file is,
 // whether it is dirty and its repair all come from the qcow2 format layer (ImageProbe, Header,
-// QCow2Check).
+// QCow2Check). The test taps (fault rules, write log) go into the driver of the image itself, never
+// into its backing chain.
 
 import BlockDevice
 import QCow2
@@ -10,7 +11,8 @@ import Synchronization
 import UVCore
 
 enum ImageOpener {
-    static func open(_ configuration: ExportConfiguration, io: FileIO, log: Logger) throws(ServerError) -> BlockDevice {
+    static func open(_ configuration: ExportConfiguration, io: FileIO, taps: TestTaps,
+                     log: Logger) throws(ServerError) -> BlockDevice {
         let path = configuration.imagePath
         try checkBitmapNames(configuration.bitmaps)
         if let make = registeredDevices.withLock({ $0[path] }) {
@@ -31,7 +33,7 @@ enum ImageOpener {
                 throw ServerError("Bitmap '\(name)' is not found: \(path) is a raw image, and only qcow2 images keep persistent bitmaps")
             }
             do {
-                return try RawDriver(path: path, readOnly: configuration.readOnly, io: io)
+                return try RawDriver(path: path, readOnly: configuration.readOnly, io: io, faults: taps.makeFaultInjector())
             } catch {
                 throw ServerError(error.description)
             }
@@ -43,7 +45,8 @@ enum ImageOpener {
             let driver: QCow2Driver
             do {
                 driver = try QCow2Driver(path: path, readOnly: configuration.readOnly, io: io,
-                                         cacheBytes: configuration.cacheBytes)
+                                         cacheBytes: configuration.cacheBytes, faults: taps.makeFaultInjector(),
+                                         writeLog: taps.writeLog)
                 driver.onFailure = { log.error($0) }
             } catch {
                 throw ServerError(error.description)

@@ -5,9 +5,6 @@
 import BlockDevice
 import RawDriver
 import UVCore
-#if canImport(Glibc)
-import Glibc
-#endif
 
 extension Server {
     /// Makes `count` worker loops (threads start at the end of init) and this loop's mailboxes for them.
@@ -50,9 +47,9 @@ extension Server {
     /// else through a proxy to the device here. A raw file that cannot be opened again is proxied too.
     func makeView(of export: Export, on worker: WorkerLoop) -> Export {
         var device: BlockDevice?
-        // Under QNBD_TEST_FAULTS (tests only) a raw export is proxied too: the fault rules count the
-        // operations of one driver ("the 1st read fails"), so one injector must see every loop's.
-        if export.device is RawDriver, getenv("QNBD_TEST_FAULTS") == nil {
+        // Under fault rules (QNBD_TEST_FAULTS, tests only) a raw export is proxied too: the rules count
+        // the operations of one driver ("the 1st read fails"), so one injector must see every loop's.
+        if export.device is RawDriver, !testTaps.injectsFaults {
             device = try? RawDriver(path: export.configuration.imagePath, readOnly: export.configuration.readOnly, io: worker.io)
             if device == nil { log.warning("export \"\(export.name)\": loop \(worker.index) proxies it (the file did not open again)") }
         }

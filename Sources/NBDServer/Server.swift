@@ -69,6 +69,8 @@ public final class Server: ConnectionOwner {
     var tlsCredentials: TLSCredentials?
     /// The other loops (none with one loop), in loop order: worker i is loop i + 1.
     var workers: [WorkerLoop] = []
+    /// Fault rules and write log for the images (tests only), read from the environment once.
+    private(set) var testTaps = TestTaps.none
     /// Reports from the workers (connections that ended, views closed).
     var workerReports: Mailbox<WorkerReport>?
     /// Requests the workers' proxies send to the engines this loop owns.
@@ -108,6 +110,7 @@ public final class Server: ConnectionOwner {
         exports = ExportTable([])
         exports.listAllowed = configuration.allowList
         do throws(ServerError) {
+            testTaps = try TestTaps.fromEnvironment()
             try Self.checkImageConflicts(configuration.exports)
             tlsCredentials = try Self.loadTLS(configuration, log: log)
             try listen()
@@ -184,7 +187,8 @@ public final class Server: ConnectionOwner {
     /// Opens one export's image (as whoever the process is by now).
     func openExport(_ configuration: ExportConfiguration, access: AccessList) throws(ServerError) -> Export {
         // Driver messages (repairs, I/O errors that turn the image read-only) name the export.
-        let device = try ImageOpener.open(configuration, io: io, log: log.labelled("export \"\(configuration.name)\""))
+        let device = try ImageOpener.open(configuration, io: io, taps: testTaps,
+                                          log: log.labelled("export \"\(configuration.name)\""))
         let export = Export(configuration: configuration, device: device)
         export.access = access
         if !workers.isEmpty { views[ObjectIdentifier(export)] = workers.map { makeView(of: export, on: $0) } }

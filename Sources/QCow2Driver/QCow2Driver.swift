@@ -26,8 +26,8 @@ public final class QCow2Driver: BlockDevice {
     public let dirtyBitmaps: [DirtyBitmapInfo]
     private let fd: Int32
     private let io: FileIO
-    /// Test-only (QNBD_TEST_FAULTS), on the top image only; nil otherwise.
-    /// Internal (not private) so that tests can arm one without the environment.
+    /// Test-only fault rules, installed on the top image only (the backing chain gets none); nil
+    /// otherwise. Internal and mutable so that a test can arm one after the open.
     var faults: FaultInjector?
     // Loop-confined and never accessed overlapping: no dynamic exclusivity checks on the request path.
     @exclusivity(unchecked) private var callers = CallerTable()
@@ -40,7 +40,7 @@ public final class QCow2Driver: BlockDevice {
     private var closing: (tag: UInt64, handler: BlockIOHandler, passes: Int)?
     /// The close waits for I/O still in flight (a punch) before it stores the bitmaps.
     private var closeWaitsForIO = false
-    /// Test-only log of host-file changes (QNBD_TEST_WRITE_LOG); nil in normal use.
+    /// Test-only log of host-file changes (asked for with `writeLog`); nil in normal use.
     let recorder: WriteRecorder?
 
     /// Longest backing chain accepted; deeper chains are refused as a likely loop or attack.
@@ -49,13 +49,19 @@ public final class QCow2Driver: BlockDevice {
     /// Largest refcount metadata loaded for a writable image (see RefcountState for why it is loaded).
     public static let maximumRefcountBytes = 512 << 20
 
-    /// Opens `path`; the backing chain below it is always opened read-only.
-    public convenience init(path: String, readOnly: Bool, io: FileIO, cacheBytes: Int? = nil) throws(BlockError) {
+    /// Opens `path`; the backing chain below it is always opened read-only. Test taps, for this image
+    /// only: `faults` completes the file operations its rules pick with their errno instead of issuing
+    /// them (it counts this driver's operations, so give each driver its own); `writeLog` logs every
+    /// change to the file, when the image is opened writable.
+    public convenience init(path: String, readOnly: Bool, io: FileIO, cacheBytes: Int? = nil,
+                            faults: FaultInjector? = nil, writeLog: WriteLog? = nil) throws(BlockError) {
         var seen: Set<String> = [Self.identity(path)]
-        try self.init(path: path, writable: !readOnly, io: io, cacheBytes: cacheBytes, depth: 0, seen: &seen)
+        try self.init(path: path, writable: !readOnly, io: io, cacheBytes: cacheBytes, faults: faults, writeLog: writeLog,
+                      depth: 0, seen: &seen)
     }
 
-    init(path: String, writable asked: Bool, io: FileIO, cacheBytes: Int?, depth: Int, seen: inout Set<String>) throws(BlockError) {
+    init(path: String, writable asked: Bool, io: FileIO, cacheBytes: Int?, faults: FaultInjector?, writeLog: WriteLog?,
+         depth: Int, seen: inout Set<String>) throws(BlockError) {
         var writable = asked
         let fd = Glibc.open(path, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
         guard fd >= 0 else { throw BlockError(errno: errno, message: "cannot open \(path)") }
@@ -111,17 +117,17 @@ public final class QCow2Driver: BlockDevice {
             let format = header.backingFormat ?? Self.probedFormat(resolved)
             switch format {
             case "qcow2":
-                backing = try QCow2Driver(path: resolved, writable: false, io: io, cacheBytes: cacheBytes, depth: depth + 1,
-                                          seen: &seen)
+                backing = try QCow2Driver(path: resolved, writable: false, io: io, cacheBytes: cacheBytes, faults: nil,
+                                          writeLog: nil, depth: depth + 1, seen: &seen)
             case "raw", "file":
-                backing = try RawDriver(path: resolved, readOnly: true, io: io, injectingFaults: false)
+                backing = try RawDriver(path: resolved, readOnly: true, io: io)
             default:
                 throw BlockError(errno: ENOTSUP, message: "\(path): backing format \"\(format)\" is not supported")
             }
         }
         let cache = cacheBytes ?? QCow2Engine.defaultCacheBytes(header: header)
         // Made before the first change to the file, so the log holds every one.
-        let recorder = writable ? WriteRecorder.fromEnvironment(fileSize: fileSize) : nil
+        let recorder = writable ? writeLog.map { WriteRecorder(log: $0, fileSize: fileSize) } : nil
         do {
             if writable {
                 let (table, blocks) = try Self.loadRefcounts(fd, header: header, fileSize: fileSize, path: path)
@@ -150,11 +156,7 @@ public final class QCow2Driver: BlockDevice {
         dirtyBitmaps = bitmaps.live.map {
             DirtyBitmapInfo(name: $0.name, granularity: $0.granularity, enabled: $0.enabled, inconsistent: $0.inconsistent)
         }
-        do {
-            faults = depth == 0 ? try FaultInjector.fromEnvironment() : nil
-        } catch {
-            throw BlockError(errno: EINVAL, message: error.description)
-        }
+        self.faults = faults
         self.fd = fd
         self.io = io
         self.path = path

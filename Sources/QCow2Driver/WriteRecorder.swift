@@ -1,8 +1,10 @@
 // A test-only tap that logs every change the driver makes to the top image file, so that
 // scripts/powercut can rebuild what the disk could hold after a power cut at any moment.
 //
-// Switched on by QNBD_TEST_WRITE_LOG=/path/to/log, read once when a writable image is opened; when
-// the variable is unset the driver holds no recorder and pays one nil check per action.
+// A test installs it by opening the driver with a `WriteLog`; the server does so when
+// QNBD_TEST_WRITE_LOG=/path/to/log is set (its TestTaps read the variable once at startup). The driver
+// makes the recorder when it opens a writable image, before its first change to the file; without a
+// `WriteLog` it holds no recorder and pays one nil check per action.
 //
 // Why issue and completion are separate records: durability is decided by concurrency. A write is
 // only guaranteed durable by a sync that *started* after the write *completed*; a write that was
@@ -30,9 +32,15 @@ import QCow2
 import Glibc
 #endif
 
-final class WriteRecorder {
-    static let environmentVariable = "QNBD_TEST_WRITE_LOG"
+/// A request to log a writable image's changes to the file at `path` (made anew: truncated if it exists).
+public struct WriteLog: Sendable, Equatable {
+    /// The variable the server's test taps read it from, named by the log's error messages too.
+    public static let environmentVariable = "QNBD_TEST_WRITE_LOG"
+    public let path: String
+    public init(path: String) { self.path = path }
+}
 
+final class WriteRecorder {
     private enum Kind: UInt8 {
         case open = 1, writeIssued, punchIssued, syncStarted, completed, flushAsked, flushDone, fuaAsked, fuaDone
     }
@@ -48,18 +56,14 @@ final class WriteRecorder {
     private var flushCount: UInt32 = 0
     private var fuaCount: UInt32 = 0
 
-    /// A recorder if the environment asks for one; it logs the image's size at open first.
-    static func fromEnvironment(fileSize: UInt64) -> WriteRecorder? {
-        guard let path = getenv(environmentVariable) else { return nil }
-        let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { preconditionFailure("\(environmentVariable): cannot open \(String(cString: path))") }
-        let recorder = WriteRecorder(fd: fd)
-        recorder.append(Array("QNBDWLG1".utf8))
-        recorder.record(.open, offset: fileSize)
-        return recorder
+    /// Starts the log `log` asks for; it records the image's size at open first.
+    init(log: WriteLog, fileSize: UInt64) {
+        let fd = Glibc.open(log.path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { preconditionFailure("\(WriteLog.environmentVariable): cannot open \(log.path)") }
+        self.fd = fd
+        append(Array("QNBDWLG1".utf8))
+        record(.open, offset: fileSize)
     }
-
-    private init(fd: Int32) { self.fd = fd }
 
     deinit { Glibc.close(fd) }
 
@@ -150,7 +154,7 @@ final class WriteRecorder {
             let n = Glibc.write(fd, bytes.baseAddress! + done, bytes.count - done)
             if n < 0 && errno == EINTR { continue }
             // A test that asked for a log must not silently get a partial one.
-            precondition(n > 0, "\(Self.environmentVariable): write failed, errno \(errno)")
+            precondition(n > 0, "\(WriteLog.environmentVariable): write failed, errno \(errno)")
             done += n
         }
     }

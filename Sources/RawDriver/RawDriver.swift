@@ -26,20 +26,18 @@ public final class RawDriver: BlockDevice {
     private let fd: Int32
     private let io: FileIO
     private let isBlockDevice: Bool
-    /// Test-only (QNBD_TEST_FAULTS); nil otherwise.
+    /// Test-only: the fault rules a test installed (the server's TestTaps, from QNBD_TEST_FAULTS);
+    /// nil otherwise.
     private let faults: FaultInjector?
     /// Requests waiting for FileIO, addressed by slot so the completion context is a plain integer.
     /// Unchecked exclusivity: touched once per request on the loop, never re-entered (see Connection).
     @exclusivity(unchecked) private var inFlight = InFlightTable()
 
-    /// Opens `path`; `readOnly` opens it O_RDONLY and advertises a read-only export. `injectingFaults`:
-    /// whether QNBD_TEST_FAULTS applies (to the served image, not to a backing file).
-    public init(path: String, readOnly: Bool, io: FileIO, injectingFaults: Bool = true) throws(BlockError) {
-        do {
-            faults = injectingFaults ? try FaultInjector.fromEnvironment() : nil
-        } catch {
-            throw BlockError(errno: EINVAL, message: error.description)
-        }
+    /// Opens `path`; `readOnly` opens it O_RDONLY and advertises a read-only export. `faults` (tests
+    /// only) completes the operations its rules pick with their errno instead of issuing them; the
+    /// injector counts this driver's operations, so give each driver its own.
+    public init(path: String, readOnly: Bool, io: FileIO, faults: FaultInjector? = nil) throws(BlockError) {
+        self.faults = faults
         let fd = Glibc.open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
         guard fd >= 0 else { throw BlockError(errno: errno, message: "cannot open \(path)") }
         var st = stat()

@@ -1,12 +1,15 @@
-// Test-only fault injection on an image file, switched on by the QNBD_TEST_FAULTS environment variable.
+// Test-only fault injection on an image file: a wrapper a test installs in a driver (RawDriver's and
+// QCow2Driver's `faults:`). The server installs one in each image it opens when the QNBD_TEST_FAULTS
+// environment variable holds rules; its TestTaps read the variable once at startup, and nothing else
+// reads it.
 //
 // The drivers' error paths (a data write that fails, a metadata write refused for space, an fdatasync
 // that reports EIO) cannot be reached on demand with a healthy disk. So before issuing a read, write,
 // sync or punch of its image file, a driver asks the injector; when a rule matches, the operation is
-// completed with that errno instead of being issued. With the variable unset no injector exists, and
-// the cost is one nil check per operation.
+// completed with that errno instead of being issued. Without an injector the cost is one nil check per
+// operation.
 //
-// The variable holds rules separated by ';'. A rule is a kind followed by comma-separated conditions:
+// The rules are separated by ';'. A rule is a kind followed by comma-separated conditions:
 //   write,errno=EIO,nth=3                      the 3rd write fails
 //   sync,errno=EIO,from=2                      the 2nd sync and every later one fail
 //   write,errno=ENOSPC,offset=0x40000+0x10000  writes touching [0x40000, 0x50000) fail
@@ -50,19 +53,12 @@ public final class FaultInjector {
         }
     }
 
+    /// The variable the server's test taps read the rules from, named by the parse errors too.
     public static let environmentVariable = "QNBD_TEST_FAULTS"
 
     private var rules: [Rule]
     /// The rules as given, for a log line.
     public let text: String
-
-    /// The injector the environment asks for, or nil when the variable is unset or empty.
-    public static func fromEnvironment() throws(RuleError) -> FaultInjector? {
-        guard let raw = getenv(environmentVariable) else { return nil }
-        let text = String(cString: raw)
-        guard !text.isEmpty else { return nil }
-        return try FaultInjector(rules: text)
-    }
 
     public init(rules text: String) throws(RuleError) {
         self.text = text
@@ -72,6 +68,21 @@ public final class FaultInjector {
             if !rule.isEmpty { rules.append(try Self.parse(rule)) }
         }
         self.rules = rules
+    }
+
+    private init(text: String, rules: [Rule]) {
+        self.text = text
+        self.rules = rules
+    }
+
+    /// An injector with the same rules that has counted nothing yet: `nth` and `from` count one
+    /// driver's operations, so each opened image gets its own.
+    public func fresh() -> FaultInjector {
+        FaultInjector(text: text, rules: rules.map { rule in
+            var unused = rule
+            unused.selected = 0
+            return unused
+        })
     }
 
     /// The errno to complete this operation with, or nil to issue it.

@@ -90,7 +90,7 @@ func pattern(_ count: Int, seed: Int) -> [UInt8] {
         defer { file.remove() }
         let loop = try EventLoop()
         let io = FileIO(loop: loop)
-        let driver = try RawDriver(path: file.path, readOnly: false, io: io, injectingFaults: false)
+        let driver = try RawDriver(path: file.path, readOnly: false, io: io)
         #expect(driver.size == 4 << 20)
         let log = Outcomes()
         let data = pattern(300_000, seed: 3)
@@ -121,7 +121,7 @@ func pattern(_ count: Int, seed: Int) -> [UInt8] {
         let file = ScratchFile(size: 1 << 20)
         defer { file.remove() }
         let loop = try EventLoop()
-        let driver = try RawDriver(path: file.path, readOnly: false, io: FileIO(loop: loop), injectingFaults: false)
+        let driver = try RawDriver(path: file.path, readOnly: false, io: FileIO(loop: loop))
         let log = Outcomes()
         let data = pattern(8192, seed: 9)
         data.withUnsafeBytes { driver.write(offset: 4096, from: $0, fua: true, tag: 1, handler: log) }
@@ -136,7 +136,7 @@ func pattern(_ count: Int, seed: Int) -> [UInt8] {
         let file = ScratchFile(size: size, contents: pattern(size, seed: 1))
         defer { file.remove() }
         let loop = try EventLoop()
-        let driver = try RawDriver(path: file.path, readOnly: false, io: FileIO(loop: loop), injectingFaults: false)
+        let driver = try RawDriver(path: file.path, readOnly: false, io: FileIO(loop: loop))
         #expect(driver.capabilities.canTrim && driver.capabilities.canFastZero, "ext4 and tmpfs punch holes")
         let log = Outcomes()
         let allocatedBefore = file.allocatedBytes
@@ -169,7 +169,7 @@ func pattern(_ count: Int, seed: Int) -> [UInt8] {
         let file = ScratchFile(size: size, contents: pattern(size, seed: 5))
         defer { file.remove() }
         let loop = try EventLoop()
-        let driver = try RawDriver(path: file.path, readOnly: false, io: FileIO(loop: loop), injectingFaults: false)
+        let driver = try RawDriver(path: file.path, readOnly: false, io: FileIO(loop: loop))
         let log = Outcomes()
         let before = file.allocatedBytes
         driver.trim(offset: 0, length: 2 << 20, fua: true, tag: 1, handler: log)
@@ -192,7 +192,7 @@ func pattern(_ count: Int, seed: Int) -> [UInt8] {
         }
         close(fd)
         let loop = try EventLoop()
-        let driver = try RawDriver(path: file.path, readOnly: true, io: FileIO(loop: loop), injectingFaults: false)
+        let driver = try RawDriver(path: file.path, readOnly: true, io: FileIO(loop: loop))
         let log = Outcomes()
         driver.blockStatus(offset: 0, length: UInt64(size), tag: 1, handler: log)
         drain(loop)
@@ -216,7 +216,7 @@ func pattern(_ count: Int, seed: Int) -> [UInt8] {
         let file = ScratchFile(size: 1 << 20)
         defer { file.remove() }
         let loop = try EventLoop()
-        let driver = try RawDriver(path: file.path, readOnly: false, io: FileIO(loop: loop), injectingFaults: false)
+        let driver = try RawDriver(path: file.path, readOnly: false, io: FileIO(loop: loop))
         let log = Outcomes()
         let first = pattern(65536, seed: 11)
         let last = pattern(4096, seed: 12)
@@ -234,7 +234,7 @@ func pattern(_ count: Int, seed: Int) -> [UInt8] {
         let file = ScratchFile(size: 1 << 20)
         defer { file.remove() }
         let loop = try EventLoop()
-        let driver = try RawDriver(path: file.path, readOnly: true, io: FileIO(loop: loop), injectingFaults: false)
+        let driver = try RawDriver(path: file.path, readOnly: true, io: FileIO(loop: loop))
         #expect(!driver.capabilities.writable)
         #expect(!driver.capabilities.canTrim && !driver.capabilities.canFastZero)
     }
@@ -244,7 +244,7 @@ func pattern(_ count: Int, seed: Int) -> [UInt8] {
         let file = ScratchFile(size: 1_000_003, contents: pattern(1_000_003, seed: 4))
         defer { file.remove() }
         let loop = try EventLoop()
-        let driver = try RawDriver(path: file.path, readOnly: true, io: FileIO(loop: loop), injectingFaults: false)
+        let driver = try RawDriver(path: file.path, readOnly: true, io: FileIO(loop: loop))
         #expect(driver.size == 1_000_448)
         let log = Outcomes()
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 448, alignment: 8)
@@ -258,9 +258,9 @@ func pattern(_ count: Int, seed: Int) -> [UInt8] {
     @Test func whatCannotBeServedIsRefusedAtOpen() throws {
         let loop = try EventLoop()
         let io = FileIO(loop: loop)
-        #expect(throws: BlockError.self) { try RawDriver(path: "/tmp", readOnly: true, io: io, injectingFaults: false) }
+        #expect(throws: BlockError.self) { try RawDriver(path: "/tmp", readOnly: true, io: io) }
         #expect(throws: BlockError.self) {
-            try RawDriver(path: "/nonexistent/\(getpid()).img", readOnly: true, io: io, injectingFaults: false)
+            try RawDriver(path: "/nonexistent/\(getpid()).img", readOnly: true, io: io)
         }
     }
 }
