@@ -30,7 +30,7 @@ public final class QCow2Driver: BlockDevice {
     /// Internal (not private) so that tests can arm one without the environment.
     var faults: FaultInjector?
     // Loop-confined and never accessed overlapping: no dynamic exclusivity checks on the request path.
-    @exclusivity(unchecked) private var callers = CallerTable()
+    @exclusivity(unchecked) private var callers = SlotTable<Caller>()
     @exclusivity(unchecked) private var inPlaceWrites = SlotTable<InPlaceWriteEntry>()
     @exclusivity(unchecked) private var pumping = false
     private var failureReported = false
@@ -462,31 +462,18 @@ private final class DecompressJob: @unchecked Sendable {
     func run() -> Int { Decompressor.run(algorithm, source: source, into: destination) }
 }
 
-/// Callers of in-flight requests, by the tag given to the engine.
-private struct CallerTable {
-    struct Caller {
-        let tag: UInt64
-        let handler: BlockIOHandler
-    }
+/// The caller of a request in flight; its SlotTable slot is the RequestTag the engine carries.
+private struct Caller {
+    let tag: UInt64
+    let handler: BlockIOHandler
+}
 
-    private var entries: [Caller?] = []
-    private var free: [Int] = []
-
+extension SlotTable where Entry == Caller {
     mutating func insert(tag: UInt64, handler: BlockIOHandler) -> RequestTag {
-        let caller = Caller(tag: tag, handler: handler)
-        if let i = free.popLast() {
-            entries[i] = caller
-            return RequestTag(i)
-        }
-        entries.append(caller)
-        return RequestTag(entries.count - 1)
+        RequestTag(insert(Caller(tag: tag, handler: handler)))
     }
 
     mutating func remove(_ tag: RequestTag) -> Caller {
-        let i = Int(tag)
-        let caller = entries[i]!
-        entries[i] = nil
-        free.append(i)
-        return caller
+        remove(Int(tag))
     }
 }
