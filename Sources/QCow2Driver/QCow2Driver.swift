@@ -8,6 +8,7 @@
 import BlockDevice
 import QCow2
 import RawDriver
+import SystemCalls
 import UVCore
 #if canImport(Glibc)
 import Glibc
@@ -346,16 +347,11 @@ public final class QCow2Driver: BlockDevice {
 
     private static func preadAll(_ fd: Int32, count: Int, offset: UInt64, path: String) throws(BlockError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
-        var done = 0
-        while done < count {
-            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, count - done, off_t(offset) + off_t(done)) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw BlockError(errno: errno, message: "reading \(path)")
-            }
-            if n == 0 { break }   // past the end: the rest stays zero, as qcow2 readers treat it
-            done += n
+        // Stops at end of file: the rest stays zero, as qcow2 readers treat it.
+        let result = bytes.withUnsafeMutableBytes {
+            $0.isEmpty ? 0 : SystemCall.read(fd, into: $0.baseAddress!, count: count, at: offset)
         }
+        if result < 0 { throw BlockError(errno: Int32(-result), message: "reading \(path)") }
         return bytes
     }
 
