@@ -161,7 +161,9 @@ public final class QCow2Driver: BlockDevice {
         self.path = path
         self.header = header
         self.backing = backing
-        self.size = header.size
+        // Whole 512-byte sectors, as qemu (qemu-img info, qemu-nbd) and `qnbd info` count a header size
+        // that is not a multiple of 512: the tail past the last whole sector is not served.
+        self.size = header.size & ~511
         self.capabilities = BlockCapabilities(
             writable: writable, canTrim: writable, canZero: writable, canFastZero: writable, canMultiConn: true,
             knowsAllocationDepth: true, minimumBlockSize: 1,
