@@ -37,11 +37,11 @@ let package = Package(
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         // The I/O shell that runs the qcow2 engine's actions on UVCore, and opens backing chains.
-        .target(name: "QCow2Driver", dependencies: ["QCow2", "BlockDevice", "UVCore", "RawDriver", "CZlib", "CZstd"]),
+        .target(name: "QCow2Driver", dependencies: ["QCow2", "BlockDevice", "UVCore", "RawDriver", "SystemCalls", "CZlib", "CZstd"]),
         // Raw files and block devices, served through UVCore's file I/O.
         .target(name: "RawDriver", dependencies: ["BlockDevice", "UVCore", "SystemCalls"]),
         // Offline image tools (create, info, check, map) on plain blocking file I/O.
-        .target(name: "QCow2Tools", dependencies: ["QCow2", "BlockDevice"]),
+        .target(name: "QCow2Tools", dependencies: ["QCow2", "BlockDevice", "SystemCalls"]),
         // Glue: listeners, connections, exports, configuration.
         .target(name: "NBDServer", dependencies: [
             "UVCore", "NBDProtocol", "BlockDevice", "RawDriver", "QCow2", "QCow2Driver", "TLS",

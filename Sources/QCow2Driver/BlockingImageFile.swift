@@ -3,6 +3,7 @@
 // MetadataFile.
 
 import QCow2
+import SystemCalls
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -28,37 +29,27 @@ public final class BlockingImageFile: MetadataFile {
     public func read(at offset: UInt64, count: Int) throws(QCow2Error) -> [UInt8] {
         guard offset <= UInt64(Int64.max) - UInt64(count) else { throw .io("\(path): read at \(offset) is beyond any file") }
         var bytes = [UInt8](repeating: 0, count: count)
-        var done = 0
-        while done < count {
-            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, count - done, off_t(offset) + off_t(done)) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw failure("read of \(count) bytes at \(offset)")
-            }
-            if n == 0 { break }   // past the end: the rest stays zero
-            done += n
+        // Stops at end of file: the rest stays zero.
+        let result = bytes.withUnsafeMutableBytes {
+            $0.isEmpty ? 0 : SystemCall.read(fd, into: $0.baseAddress!, count: count, at: offset)
         }
+        if result < 0 { throw failure("read of \(count) bytes at \(offset)", errno: Int32(-result)) }
         return bytes
     }
 
     public func write(_ bytes: [UInt8], at offset: UInt64) throws(QCow2Error) {
         guard offset <= UInt64(Int64.max) - UInt64(bytes.count) else { throw .io("\(path): write at \(offset) is beyond any file") }
-        var done = 0
-        while done < bytes.count {
-            let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done)) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw failure("write of \(bytes.count) bytes at \(offset)")
-            }
-            done += n
+        let result = bytes.withUnsafeBytes {
+            $0.isEmpty ? 0 : SystemCall.writeFully(fd, from: $0.baseAddress!, count: $0.count, at: offset)
         }
+        if result < 0 { throw failure("write of \(bytes.count) bytes at \(offset)", errno: Int32(-result)) }
     }
 
     public func sync() throws(QCow2Error) {
         guard fdatasync(fd) == 0 else { throw failure("fdatasync") }
     }
 
-    private func failure(_ what: String) -> QCow2Error {
-        .io("\(path): \(what) failed: \(String(cString: strerror(errno)))")
+    private func failure(_ what: String, errno code: Int32 = errno) -> QCow2Error {
+        .io("\(path): \(what) failed: \(String(cString: strerror(code)))")
     }
 }

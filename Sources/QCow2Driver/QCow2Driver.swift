@@ -8,6 +8,7 @@
 import BlockDevice
 import QCow2
 import RawDriver
+import SystemCalls
 import UVCore
 #if canImport(Glibc)
 import Glibc
@@ -30,7 +31,7 @@ public final class QCow2Driver: BlockDevice {
     /// otherwise. Internal and mutable so that a test can arm one after the open.
     var faults: FaultInjector?
     // Loop-confined and never accessed overlapping: no dynamic exclusivity checks on the request path.
-    @exclusivity(unchecked) private var callers = CallerTable()
+    @exclusivity(unchecked) private var callers = SlotTable<Caller>()
     @exclusivity(unchecked) private var inPlaceWrites = SlotTable<InPlaceWriteEntry>()
     @exclusivity(unchecked) private var pumping = false
     private var failureReported = false
@@ -162,7 +163,9 @@ public final class QCow2Driver: BlockDevice {
         self.path = path
         self.header = header
         self.backing = backing
-        self.size = header.size
+        // Whole 512-byte sectors, as qemu (qemu-img info, qemu-nbd) and `qnbd info` count a header size
+        // that is not a multiple of 512: the tail past the last whole sector is not served.
+        self.size = header.size & ~511
         self.capabilities = BlockCapabilities(
             writable: writable, canTrim: writable, canZero: writable, canFastZero: writable, canMultiConn: true,
             knowsAllocationDepth: true, minimumBlockSize: 1,
@@ -348,16 +351,11 @@ public final class QCow2Driver: BlockDevice {
 
     private static func preadAll(_ fd: Int32, count: Int, offset: UInt64, path: String) throws(BlockError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
-        var done = 0
-        while done < count {
-            let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, count - done, off_t(offset) + off_t(done)) }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw BlockError(errno: errno, message: "reading \(path)")
-            }
-            if n == 0 { break }   // past the end: the rest stays zero, as qcow2 readers treat it
-            done += n
+        // Stops at end of file: the rest stays zero, as qcow2 readers treat it.
+        let result = bytes.withUnsafeMutableBytes {
+            $0.isEmpty ? 0 : SystemCall.read(fd, into: $0.baseAddress!, count: count, at: offset)
         }
+        if result < 0 { throw BlockError(errno: Int32(-result), message: "reading \(path)") }
         return bytes
     }
 
@@ -464,31 +462,18 @@ private final class DecompressJob: @unchecked Sendable {
     func run() -> Int { Decompressor.run(algorithm, source: source, into: destination) }
 }
 
-/// Callers of in-flight requests, by the tag given to the engine.
-private struct CallerTable {
-    struct Caller {
-        let tag: UInt64
-        let handler: BlockIOHandler
-    }
+/// The caller of a request in flight; its SlotTable slot is the RequestTag the engine carries.
+private struct Caller {
+    let tag: UInt64
+    let handler: BlockIOHandler
+}
 
-    private var entries: [Caller?] = []
-    private var free: [Int] = []
-
+extension SlotTable where Entry == Caller {
     mutating func insert(tag: UInt64, handler: BlockIOHandler) -> RequestTag {
-        let caller = Caller(tag: tag, handler: handler)
-        if let i = free.popLast() {
-            entries[i] = caller
-            return RequestTag(i)
-        }
-        entries.append(caller)
-        return RequestTag(entries.count - 1)
+        RequestTag(insert(Caller(tag: tag, handler: handler)))
     }
 
     mutating func remove(_ tag: RequestTag) -> Caller {
-        let i = Int(tag)
-        let caller = entries[i]!
-        entries[i] = nil
-        free.append(i)
-        return caller
+        remove(Int(tag))
     }
 }

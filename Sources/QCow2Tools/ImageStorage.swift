@@ -2,6 +2,7 @@
 // pread/pwrite is the right tool here (the server's libuv file layer exists for concurrency they do not
 // need). The protocol lets unit tests run create, check and map on images held in memory.
 
+import SystemCalls
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -81,17 +82,12 @@ public final class FileStorage: ImageStorage {
             throw ToolError("\(path): read of \(count) bytes at \(offset) is beyond any file")
         }
         var out = [UInt8](repeating: 0, count: count)
-        var done = 0
-        while done < count {
-            let n = out.withUnsafeMutableBytes { buffer in
-                pread(fd, buffer.baseAddress! + done, count - done, off_t(offset) + off_t(done))
-            }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw ToolError("\(path): read of \(count) bytes at \(offset) failed: \(errnoText(errno))")
-            }
-            if n == 0 { break }   // end of file: the rest stays zero
-            done += n
+        // Stops at end of file: the rest stays zero.
+        let result = out.withUnsafeMutableBytes { buffer in
+            buffer.isEmpty ? 0 : SystemCall.read(fd, into: buffer.baseAddress!, count: count, at: offset)
+        }
+        if result < 0 {
+            throw ToolError("\(path): read of \(count) bytes at \(offset) failed: \(errnoText(Int32(-result)))")
         }
         return out
     }
@@ -100,16 +96,11 @@ public final class FileStorage: ImageStorage {
         guard offset <= UInt64(Int64.max) - UInt64(bytes.count) else {
             throw ToolError("\(path): write of \(bytes.count) bytes at \(offset) is beyond any file")
         }
-        var done = 0
-        while done < bytes.count {
-            let n = bytes.withUnsafeBytes { buffer in
-                pwrite(fd, buffer.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-            }
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw ToolError("\(path): write of \(bytes.count) bytes at \(offset) failed: \(errnoText(errno))")
-            }
-            done += n
+        let result = bytes.withUnsafeBytes { buffer in
+            buffer.isEmpty ? 0 : SystemCall.writeFully(fd, from: buffer.baseAddress!, count: buffer.count, at: offset)
+        }
+        if result < 0 {
+            throw ToolError("\(path): write of \(bytes.count) bytes at \(offset) failed: \(errnoText(Int32(-result)))")
         }
     }
 

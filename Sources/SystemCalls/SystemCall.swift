@@ -57,6 +57,22 @@ public enum SystemCall {
         return count
     }
 
+    /// Writes all `count` bytes to a descriptor without a file offset (a pipe, a terminal: the tools'
+    /// stdout and stderr), with write(2). Returns `count` or -errno.
+    public static func writeStream(_ fd: Int32, from buffer: UnsafeRawPointer, count: Int) -> Int {
+        var done = 0
+        while done < count {
+            let n = write(fd, buffer + done, count - done)
+            if n < 0 {
+                if errno == EINTR { continue }
+                return -Int(errno)
+            }
+            if n == 0 { return -Int(EIO) }   // no progress and no error: do not spin
+            done += n
+        }
+        return count
+    }
+
     /// One preadv2(RWF_NOWAIT): the bytes the page cache holds (0 at end of file) or -errno (-EAGAIN:
     /// not cached; -EOPNOTSUPP: the file system cannot say). Short counts are the caller's to finish.
     public static func readWithoutBlocking(_ fd: Int32, into buffer: UnsafeMutableRawPointer, count: Int,

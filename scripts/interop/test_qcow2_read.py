@@ -349,6 +349,52 @@ class Qcow2CopiedWithoutHost(Qcow2ReadCase):
         self.assertEqual(qemu_img("check", img, check=False).returncode, 0)
 
 
+class Qcow2OddVirtualSize(Qcow2ReadCase):
+    """A header size that is not a multiple of 512 (qemu-img never writes one, other tools may): qemu
+    counts whole sectors and rounds it down, and so do `qnbd info` and `qnbd serve`."""
+
+    ODD = 4 * MiB - 1000                                     # rounds down to 4 MiB - 1536
+
+    def odd_image(self):
+        img = create(self.path("img.qcow2"), "cluster_size=4k", size=4 * MiB)
+        qemu_io(img, ["write -P 0x61 0 64k", "write -P 0x62 %d 8k" % (4 * MiB - 8 * KiB)])
+        poke(img, 24, struct.pack(">Q", self.ODD))
+        return img
+
+    def qemu_size(self, img):
+        return json.loads(qemu_img("info", "--output=json", img).stdout)["virtual-size"]
+
+    def test_export_size_is_qemus(self):
+        img = self.odd_image()
+        want = self.qemu_size(img)
+        self.assertEqual(want, self.ODD & ~511)
+        srv = self.check(img, ["qcow2"])
+        self.assertEqual(int(T.run(["nbdinfo", "--size", srv.uri()], timeout=60).stdout), want)
+        info = json.loads(T.run([T.QNBD, "info", "--output=json", img], timeout=60).stdout)
+        self.assertEqual(info["virtual-size"], want)
+
+    def test_writes_past_the_rounded_size_are_out_of_range(self):
+        img = self.odd_image()
+        want = self.qemu_size(img)
+        srv = T.Server(self.dir, img, socket_path=self.path("nbd.sock"), pid_file=self.path("qnbd.pid"))
+        self.addCleanup(self._stop_server, srv, True)
+        srv.start()
+        h = self.connect(srv, strict=False)                    # the server, not libnbd, must say no
+        self.assertEqual(h.get_size(), want)
+        h.pwrite(b"\x63" * 512, want - 512)
+        with self.assertRaises(T.nbd.Error) as raised:
+            h.pwrite(b"\x64" * 512, want)
+        self.assertEqual(raised.exception.errno, "ENOSPC")
+        with self.assertRaises(T.nbd.Error) as raised:
+            h.pread(1, want)
+        self.assertEqual(raised.exception.errno, "EINVAL")
+        h.flush()
+        h.shutdown()
+        self.assertEqual(srv.stop(), 0)
+        qemu_io(img, ["read -P 0x63 %d 512" % (want - 512)])
+        self.assertEqual(qemu_img("check", img, check=False).returncode, 0)
+
+
 class Qcow2Refused(Qcow2ReadCase):
     def refuse(self, image, read_only=True, cwd=None):
         """Runs `qnbd serve` and expects it to exit non-zero at once; returns its one-line message."""
