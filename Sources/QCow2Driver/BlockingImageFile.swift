@@ -30,18 +30,14 @@ public final class BlockingImageFile: MetadataFile {
         guard offset <= UInt64(Int64.max) - UInt64(count) else { throw .io("\(path): read at \(offset) is beyond any file") }
         var bytes = [UInt8](repeating: 0, count: count)
         // Stops at end of file: the rest stays zero.
-        let result = bytes.withUnsafeMutableBytes {
-            $0.isEmpty ? 0 : SystemCall.read(fd, into: $0.baseAddress!, count: count, at: offset)
-        }
+        let result = bytes.withUnsafeMutableBytes { SystemCall.read(fd, into: $0, at: offset) }
         if result < 0 { throw failure("read of \(count) bytes at \(offset)", errno: Int32(-result)) }
         return bytes
     }
 
     public func write(_ bytes: [UInt8], at offset: UInt64) throws(QCow2Error) {
         guard offset <= UInt64(Int64.max) - UInt64(bytes.count) else { throw .io("\(path): write at \(offset) is beyond any file") }
-        let result = bytes.withUnsafeBytes {
-            $0.isEmpty ? 0 : SystemCall.writeFully(fd, from: $0.baseAddress!, count: $0.count, at: offset)
-        }
+        let result = bytes.withUnsafeBytes { SystemCall.writeFully(fd, from: $0, at: offset) }
         if result < 0 { throw failure("write of \(bytes.count) bytes at \(offset)", errno: Int32(-result)) }
     }
 

@@ -352,9 +352,7 @@ public final class QCow2Driver: BlockDevice {
     private static func preadAll(_ fd: Int32, count: Int, offset: UInt64, path: String) throws(BlockError) -> [UInt8] {
         var bytes = [UInt8](repeating: 0, count: count)
         // Stops at end of file: the rest stays zero, as qcow2 readers treat it.
-        let result = bytes.withUnsafeMutableBytes {
-            $0.isEmpty ? 0 : SystemCall.read(fd, into: $0.baseAddress!, count: count, at: offset)
-        }
+        let result = bytes.withUnsafeMutableBytes { SystemCall.read(fd, into: $0, at: offset) }
         if result < 0 { throw BlockError(errno: Int32(-result), message: "reading \(path)") }
         return bytes
     }

@@ -28,6 +28,7 @@
 
 import BlockDevice
 import QCow2
+import SystemCalls
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -149,14 +150,9 @@ final class WriteRecorder {
     }
 
     private func append(_ bytes: UnsafeRawBufferPointer) {
-        var done = 0
-        while done < bytes.count {
-            let n = Glibc.write(fd, bytes.baseAddress! + done, bytes.count - done)
-            if n < 0 && errno == EINTR { continue }
-            // A test that asked for a log must not silently get a partial one.
-            precondition(n > 0, "\(WriteLog.environmentVariable): write failed, errno \(errno)")
-            done += n
-        }
+        let result = SystemCall.writeStream(fd, from: bytes)
+        // A test that asked for a log must not silently get a partial one.
+        precondition(result >= 0, "\(WriteLog.environmentVariable): write failed, errno \(-result)")
     }
 }
 

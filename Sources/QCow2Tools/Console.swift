@@ -15,8 +15,6 @@ public enum Console {
     private static func write(_ text: String, to fd: Int32) {
         let bytes = Array(text.utf8)
         // A failure (a closed pipe) is ignored: there is nowhere left to say anything.
-        _ = bytes.withUnsafeBytes {
-            $0.isEmpty ? 0 : SystemCall.writeStream(fd, from: $0.baseAddress!, count: $0.count)
-        }
+        _ = bytes.withUnsafeBytes { SystemCall.writeStream(fd, from: $0) }
     }
 }

@@ -83,9 +83,7 @@ public final class FileStorage: ImageStorage {
         }
         var out = [UInt8](repeating: 0, count: count)
         // Stops at end of file: the rest stays zero.
-        let result = out.withUnsafeMutableBytes { buffer in
-            buffer.isEmpty ? 0 : SystemCall.read(fd, into: buffer.baseAddress!, count: count, at: offset)
-        }
+        let result = out.withUnsafeMutableBytes { SystemCall.read(fd, into: $0, at: offset) }
         if result < 0 {
             throw ToolError("\(path): read of \(count) bytes at \(offset) failed: \(errnoText(Int32(-result)))")
         }
@@ -96,9 +94,7 @@ public final class FileStorage: ImageStorage {
         guard offset <= UInt64(Int64.max) - UInt64(bytes.count) else {
             throw ToolError("\(path): write of \(bytes.count) bytes at \(offset) is beyond any file")
         }
-        let result = bytes.withUnsafeBytes { buffer in
-            buffer.isEmpty ? 0 : SystemCall.writeFully(fd, from: buffer.baseAddress!, count: buffer.count, at: offset)
-        }
+        let result = bytes.withUnsafeBytes { SystemCall.writeFully(fd, from: $0, at: offset) }
         if result < 0 {
             throw ToolError("\(path): write of \(bytes.count) bytes at \(offset) failed: \(errnoText(Int32(-result)))")
         }

@@ -43,31 +43,52 @@ public enum SystemCall {
     /// `count` or -errno.
     public static func writeFully(_ fd: Int32, from buffer: UnsafeRawPointer, count: Int, at offset: UInt64,
                                   flags: Int32 = 0) -> Int {
-        var done = 0
-        while done < count {
+        repeatUntilAllWritten(count) { done in
             var iov = iovec(iov_base: UnsafeMutableRawPointer(mutating: buffer) + done, iov_len: count - done)
-            let n = csystem_pwritev2(fd, &iov, 1, off_t(offset) + off_t(done), flags)
-            if n < 0 {
-                if errno == EINTR { continue }
-                return -Int(errno)
-            }
-            if n == 0 { return -Int(EIO) }   // no progress and no error: do not spin
-            done += n
+            return csystem_pwritev2(fd, &iov, 1, off_t(offset) + off_t(done), flags)
         }
-        return count
     }
 
-    /// Writes all `count` bytes to a descriptor without a file offset (a pipe, a terminal: the tools'
-    /// stdout and stderr), with write(2). Returns `count` or -errno.
+    /// Writes all `count` bytes to a descriptor without a file offset (a pipe, a terminal, a log),
+    /// with write(2). Returns `count` or -errno.
     public static func writeStream(_ fd: Int32, from buffer: UnsafeRawPointer, count: Int) -> Int {
+        repeatUntilAllWritten(count) { done in write(fd, buffer + done, count - done) }
+    }
+
+    // Buffer forms for callers holding Swift arrays: an empty buffer has no base address and
+    // transfers nothing.
+
+    /// `read(_:into:count:at:)` over a whole buffer.
+    public static func read(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) -> Int {
+        guard let base = buffer.baseAddress, !buffer.isEmpty else { return 0 }
+        return read(fd, into: base, count: buffer.count, at: offset)
+    }
+
+    /// `writeFully(_:from:count:at:flags:)` over a whole buffer.
+    public static func writeFully(_ fd: Int32, from buffer: UnsafeRawBufferPointer, at offset: UInt64) -> Int {
+        guard let base = buffer.baseAddress, !buffer.isEmpty else { return 0 }
+        return writeFully(fd, from: base, count: buffer.count, at: offset)
+    }
+
+    /// `writeStream(_:from:count:)` over a whole buffer.
+    public static func writeStream(_ fd: Int32, from buffer: UnsafeRawBufferPointer) -> Int {
+        guard let base = buffer.baseAddress, !buffer.isEmpty else { return 0 }
+        return writeStream(fd, from: base, count: buffer.count)
+    }
+
+    /// The loop both whole-buffer writes share: `step(done)` writes from byte `done` on and returns
+    /// what write(2) does. EINTR retries; a step that makes no progress and reports no error is EIO
+    /// rather than a spin. Returns `count` or -errno.
+    @inline(__always)
+    private static func repeatUntilAllWritten(_ count: Int, _ step: (_ done: Int) -> Int) -> Int {
         var done = 0
         while done < count {
-            let n = write(fd, buffer + done, count - done)
+            let n = step(done)
             if n < 0 {
                 if errno == EINTR { continue }
                 return -Int(errno)
             }
-            if n == 0 { return -Int(EIO) }   // no progress and no error: do not spin
+            if n == 0 { return -Int(EIO) }
             done += n
         }
         return count
