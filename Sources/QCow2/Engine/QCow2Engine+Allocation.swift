@@ -130,11 +130,10 @@ extension QCow2Engine {
         let slot = cache[allocation.l1Index]
         slot?.pins -= 1
         let id = allocation.request
-        if let errno {
+        if errno != nil {
             // Never linked: the new clusters go back to the allocator once nothing can be writing them
             // (a fill-in of subclusters wrote into a cluster that stays ours).
             if allocation.freesOld { queueFree(clusters: (0..<UInt64(allocation.count)).map { allocation.host / g.clusterSize + $0 }, writing) }
-            if writing.writes[id].error == nil { writing.writes[id].error = BlockError(errno: errno) }
         } else if let slot {
             writing.unsyncedData = true
             for k in 0..<allocation.count {
@@ -149,8 +148,9 @@ extension QCow2Engine {
             }
             writing.markDirty(slot)
         }
-        writing.writes[id].pending -= 1
-        for w in allocation.waiters { continueWrite(w, writing) }
-        finishWriteIfDone(id, writing)
+        // Writers parked on these clusters look them up again before the allocating write is answered:
+        // the same order as before the machine moved into RangeProgress.
+        for w in allocation.waiters { resumeWrite(w, writing) }
+        writeIOCompleted(id, errno.map { BlockError(errno: $0) }, writing)
     }
 }

@@ -38,9 +38,11 @@ extension QCow2Engine {
     func wake(_ waiters: [Waiter]) {
         for w in waiters {
             switch w {
-            case .read(let id): continueRead(id)
+            case .read(let id):
+                reads[id].progress.resume()
+                continueRead(id)
             case .status(let id): continueStatus(id)
-            case .write(let id): continueWrite(id, writeSide("a parked write"))
+            case .write(let id): resumeWrite(id, writeSide("a parked write"))
             }
         }
     }
@@ -62,7 +64,7 @@ extension QCow2Engine {
         }
         switch resolveL2(l1Index, waiter: .write(id)) {
         case .parked:
-            writing.writes[id].state = .waitingForL2(l1Index: l1Index)
+            writing.writes[id].progress.park(.l2(l1Index: l1Index))
             return nil
         case .none:
             preconditionFailure("L1 entry vanished")

@@ -15,16 +15,16 @@ extension QCow2Engine {
         continueRead(id)
     }
 
+    /// Walks the read from its cursor; after a wait, `wake` resumes it first.
     func continueRead(_ id: ReadID) {
-        reads[id].state = .resolving
-        while reads[id].position < reads[id].length {
+        while reads[id].progress.hasRemaining {
             let guest = reads[id].offset + reads[id].position
             let l1Index = geometry.l1Index(guest)
             let tableEnd = (UInt64(l1Index) + 1) * geometry.l2Coverage
-            let remaining = reads[id].length - reads[id].position
+            let remaining = reads[id].progress.remaining
             switch resolveL2(l1Index, waiter: .read(id)) {
             case .parked:
-                reads[id].state = .waitingForL2(l1Index: l1Index)
+                reads[id].progress.park(.l2(l1Index: l1Index))
                 return
             case .none:
                 readUnallocated(id, length: min(remaining, tableEnd - guest))
@@ -38,8 +38,7 @@ extension QCow2Engine {
                 }
             }
         }
-        reads[id].state = .draining
-        finishReadIfDone(id)
+        if reads[id].progress.reachedEnd() { answerRead(id) }
     }
 
     /// Fills or fetches `length` unallocated bytes at the cursor.
@@ -50,10 +49,9 @@ extension QCow2Engine {
             fromBacking = min(length, backingSize - guest)
             let start = Int(reads[id].position)
             let token = issue(.readData(request: id))
-            reads[id].pending += 1
             outbox.append(.readBacking(token, offset: guest,
                                        into: UnsafeMutableRawBufferPointer(rebasing: reads[id].buffer[start..<start + Int(fromBacking)])))
-            reads[id].position += fromBacking
+            reads[id].progress.issue(fromBacking)
         }
         if length > fromBacking {
             fillZero(id, length: length - fromBacking)
@@ -65,7 +63,7 @@ extension QCow2Engine {
         let slice = UnsafeMutableRawBufferPointer(rebasing: reads[id].buffer[Int(start)..<Int(start + length)])
         slice.initializeMemory(as: UInt8.self, repeating: 0)
         reads[id].noteZero(start..<start + length)
-        reads[id].position += length
+        reads[id].progress.skip(length)
     }
 
     /// Handles the run of clusters at the cursor that one L2 table maps, up to `limit` bytes.
@@ -144,10 +142,9 @@ extension QCow2Engine {
         }
         let start = Int(reads[id].position)
         let token = issue(.readData(request: id))
-        reads[id].pending += 1
         outbox.append(.readFile(token, offset: host,
                                 into: UnsafeMutableRawBufferPointer(rebasing: reads[id].buffer[start..<start + Int(length)])))
-        reads[id].position += length
+        reads[id].progress.issue(length)
     }
 
     /// The highest host offset metadata may point to: the file's end (rounded up to a cluster), or the
@@ -174,23 +171,23 @@ extension QCow2Engine {
             : UnsafeMutableRawBufferPointer.allocate(byteCount: cluster, alignment: 16)
         let token = issue(.readCompressed(request: id, source: source, destination: destination,
                                           copyFrom: whole ? -1 : Int(inCluster), copyTo: start, count: Int(length)))
-        reads[id].pending += 1
         outbox.append(.readFile(token, offset: host, into: source))
-        reads[id].position += length
+        reads[id].progress.issue(length)
     }
 
     func failRead(_ id: ReadID, _ error: BlockError) {
-        if reads[id].error == nil { reads[id].error = error }
-        reads[id].position = reads[id].length
-        reads[id].state = .draining
-        finishReadIfDone(id)
+        if reads[id].progress.fail(error) { answerRead(id) }
     }
 
-    private func finishReadIfDone(_ id: ReadID) {
-        guard case .draining = reads[id].state, reads[id].pending == 0 else { return }
+    private func readIOCompleted(_ id: ReadID, _ failure: BlockError?) {
+        if reads[id].progress.completed(failure) { answerRead(id) }
+    }
+
+    private func answerRead(_ id: ReadID) {
         let r = reads.remove(id)
+        precondition(r.progress.canBeAnswered, "read answered in \(r.progress.state)")
         if let g = r.generation { writableState?.unpinGeneration(g) }
-        if let error = r.error {
+        if let error = r.progress.error {
             outbox.append(.complete(r.tag, .failed(error)))
         } else {
             outbox.append(.complete(r.tag, .read(zeroRanges: r.zeroRanges)))
@@ -198,9 +195,7 @@ extension QCow2Engine {
     }
 
     func readDataCompleted(_ id: ReadID, errno: Int32?) {
-        if let errno, reads[id].error == nil { reads[id].error = BlockError(errno: errno) }
-        reads[id].pending -= 1
-        finishReadIfDone(id)
+        readIOCompleted(id, errno.map { BlockError(errno: $0) })
     }
 
     func compressedReadCompleted(_ id: ReadID, source: UnsafeMutableRawBufferPointer, destination: UnsafeMutableRawBufferPointer,
@@ -208,9 +203,7 @@ extension QCow2Engine {
         if let errno {
             source.deallocate()
             if copyFrom >= 0 { destination.deallocate() }
-            if reads[id].error == nil { reads[id].error = BlockError(errno: errno) }
-            reads[id].pending -= 1
-            finishReadIfDone(id)
+            readIOCompleted(id, BlockError(errno: errno))
             return
         }
         let token = issue(.decompress(request: id, source: source, destination: destination,
@@ -221,15 +214,13 @@ extension QCow2Engine {
     func decompressCompleted(_ id: ReadID, source: UnsafeMutableRawBufferPointer, destination: UnsafeMutableRawBufferPointer,
                              copyFrom: Int, copyTo: Int, count: Int, errno: Int32?) {
         source.deallocate()
+        var failure: BlockError?
         if errno != nil {
-            if reads[id].error == nil {
-                reads[id].error = BlockError(errno: EIO_, message: "qcow2 compressed cluster: cannot decompress")
-            }
+            failure = BlockError(errno: EIO_, message: "qcow2 compressed cluster: cannot decompress")
         } else if copyFrom >= 0 {
             (reads[id].buffer.baseAddress! + copyTo).copyMemory(from: destination.baseAddress! + copyFrom, byteCount: count)
         }
         if copyFrom >= 0 { destination.deallocate() }
-        reads[id].pending -= 1
-        finishReadIfDone(id)
+        readIOCompleted(id, failure)
     }
 }

@@ -42,9 +42,9 @@ extension QCow2Engine {
                 newWord = 0   // nothing allocated is left in the cluster: give it back
             }
             setExtendedEntry(slot, index, word: newWord, bitmap: newBitmap, writing)
-            writing.writes[id].position += segment
+            writing.writes[id].progress.skip(segment)
         case .trim:
-            writing.writes[id].position += segment
+            writing.writes[id].progress.skip(segment)
             guard wholeCluster else { return }
             let backed = backingSize.map { g.clusterStart(guest) < $0 } ?? false
             setExtendedEntry(slot, index, word: 0, bitmap: backed ? L2Entry.allZero : 0, writing)
@@ -87,9 +87,8 @@ extension QCow2Engine {
             // Every touched subcluster already holds data of ours: in place.
             try checkDataTarget(host, count: cluster, entry: index)
             let token = issue(.writeInPlace(request: id))
-            writing.writes[id].pending += 1
             outbox.append(.writeFile(token, offset: host + inCluster, from: source, dsync: false))
-            writing.writes[id].position += length
+            writing.writes[id].progress.issue(length)
             return
         }
 
@@ -130,8 +129,7 @@ extension QCow2Engine {
                                    oldWords: [word], buffer: buffer, writeOffset: host + UInt64(origin),
                                    source: UnsafeRawBufferPointer(buffer), bitmap: newBitmap, freesOld: !fillIn),
                         slot: slot, guestCluster: guestCluster, writing)
-        writing.writes[id].pending += 1
-        writing.writes[id].position += length
+        writing.writes[id].progress.issue(length)
         // Fill what the write does not cover, subcluster by subcluster, from the guest view.
         do {
             try fillGaps(a, mapping: mapping, bitmap: bitmap, index: index, oldHost: oldHost, guestCluster: guestCluster,

@@ -63,22 +63,27 @@ extension QCow2Engine {
         continueWrite(id, writing)
     }
 
-    func continueWrite(_ id: WriteID, _ writing: WritableState) {
+    func resumeWrite(_ id: WriteID, _ writing: WritableState) {
+        writing.writes[id].progress.resume()
+        continueWrite(id, writing)
+    }
+
+    /// Walks the write from its cursor; after a wait, `resumeWrite` goes on from there.
+    private func continueWrite(_ id: WriteID, _ writing: WritableState) {
         let g = geometry
-        writing.writes[id].state = .resolving
-        while writing.writes[id].position < writing.writes[id].length {
+        while writing.writes[id].progress.hasRemaining {
             let guest = writing.writes[id].offset + writing.writes[id].position
             let l1Index = g.l1Index(guest)
             guard let slot = l2ForWrite(l1Index, request: id, writing) else { return }
             let guestCluster = guest >> UInt64(g.clusterBits)
             if !writing.reservations.isEmpty, let a = writing.reservations[guestCluster] {
                 writing.allocations[a].waiters.append(id)
-                writing.writes[id].state = .waitingForReservation
+                writing.writes[id].progress.park(.reservation(a))
                 return
             }
             let index = g.l2Index(guest)
             let inCluster = g.offsetInCluster(guest)
-            let segment = min(g.clusterSize - inCluster, writing.writes[id].length - writing.writes[id].position)
+            let segment = min(g.clusterSize - inCluster, writing.writes[id].progress.remaining)
             do {
                 if g.extendedL2 {
                     try writeExtended(id, slot: slot, index: index, inCluster: inCluster, segment: segment, writing)
@@ -102,8 +107,7 @@ extension QCow2Engine {
                 return
             }
         }
-        writing.writes[id].state = .draining
-        finishWriteIfDone(id, writing)
+        if writing.writes[id].progress.reachedEnd() { writeDrained(id, writing) }
     }
 
     /// Writes `source` (starting at the cursor) into the cluster at `index` and, when it can, the
@@ -131,10 +135,9 @@ extension QCow2Engine {
             }
             try checkDataTarget(host + inCluster, count: length, entry: index)
             let token = issue(.writeInPlace(request: id))
-            writing.writes[id].pending += 1
             outbox.append(.writeFile(token, offset: host + inCluster,
                                      from: UnsafeRawBufferPointer(rebasing: source[0..<Int(length)]), dsync: false))
-            writing.writes[id].position += length
+            writing.writes[id].progress.issue(length)
             return
         }
 
@@ -156,8 +159,7 @@ extension QCow2Engine {
                                        oldWords: old, buffer: nil, writeOffset: host,
                                        source: UnsafeRawBufferPointer(rebasing: source[0..<length])),
                             slot: slot, guestCluster: guestCluster, writing)
-            writing.writes[id].pending += 1
-            writing.writes[id].position += UInt64(length)
+            writing.writes[id].progress.issue(UInt64(length))
             allocationReady(a, writing)
             return
         }
@@ -175,8 +177,7 @@ extension QCow2Engine {
         }
         let old = [slot.entry(index, extended: g.extendedL2).word]
         let data = UnsafeRawBufferPointer(rebasing: source[0..<Int(length)])
-        writing.writes[id].pending += 1
-        writing.writes[id].position += length
+        writing.writes[id].progress.issue(length)
         if fresh && readsZero {
             // A cluster past the old end of the file reads as zeros already: write only the new bytes.
             let a = reserve(Allocation(request: id, l1Index: slot.l1Index, firstIndex: index, count: 1, host: host,
@@ -201,34 +202,34 @@ extension QCow2Engine {
     }
 
     func inPlaceWriteCompleted(_ id: WriteID, errno: Int32?, _ writing: WritableState) {
-        if let errno, writing.writes[id].error == nil { writing.writes[id].error = BlockError(errno: errno) }
         dataWriteReturned(writing)
-        writing.writes[id].pending -= 1
-        finishWriteIfDone(id, writing)
+        writeIOCompleted(id, errno.map { BlockError(errno: $0) }, writing)
     }
 
     // MARK: - Finishing
 
     func failWrite(_ id: WriteID, _ error: BlockError, _ writing: WritableState) {
-        if writing.writes[id].error == nil { writing.writes[id].error = error }
-        writing.writes[id].position = writing.writes[id].length
-        writing.writes[id].state = .draining
-        finishWriteIfDone(id, writing)
+        if writing.writes[id].progress.fail(error) { writeDrained(id, writing) }
     }
 
-    func finishWriteIfDone(_ id: WriteID, _ writing: WritableState) {
-        guard case .draining = writing.writes[id].state, writing.writes[id].pending == 0 else { return }
-        if writing.writes[id].error == nil && writing.writes[id].fua {
+    /// One I/O the write issued (an in-place write, or an allocation it created) is back.
+    func writeIOCompleted(_ id: WriteID, _ failure: BlockError?, _ writing: WritableState) {
+        if writing.writes[id].progress.completed(failure) { writeDrained(id, writing) }
+    }
+
+    private func writeDrained(_ id: WriteID, _ writing: WritableState) {
+        if writing.writes[id].progress.error == nil && writing.writes[id].fua {
             // FUA: the write is answered once a flush covering it is durable.
-            writing.writes[id].state = .flushing
+            writing.writes[id].progress.hold(.flush)
             requestFlush(.write(id), writing)
             return
         }
-        completeWrite(id, error: writing.writes[id].error, writing)
+        completeWrite(id, error: writing.writes[id].progress.error, writing)
     }
 
     func completeWrite(_ id: WriteID, error: BlockError?, _ writing: WritableState) {
         let r = writing.writes.remove(id)
+        precondition(r.progress.canBeAnswered, "write answered in \(r.progress.state)")
         writing.unpinGeneration(r.generation)
         outbox.append(.complete(r.tag, error.map { .failed($0) } ?? .done))
     }

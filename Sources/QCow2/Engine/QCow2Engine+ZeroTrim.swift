@@ -16,7 +16,7 @@ extension QCow2Engine {
         case .normal, .compressed: alreadyZero = false
         }
         if alreadyZero {
-            writing.writes[id].position += segment
+            writing.writes[id].progress.skip(segment)
             return
         }
         if whole && header.version >= 3 {
@@ -25,12 +25,12 @@ extension QCow2Engine {
                 word = host | L2Entry.copied | L2Entry.zeroFlag
             }
             setEntry(slot, index, word, writing)
-            writing.writes[id].position += segment
+            writing.writes[id].progress.skip(segment)
             return
         }
         if whole && !backed {
             setEntry(slot, index, 0, writing)
-            writing.writes[id].position += segment
+            writing.writes[id].progress.skip(segment)
             return
         }
         try writeData(id, slot: slot, index: index, mapping: mapping, inCluster: inCluster,
@@ -39,7 +39,7 @@ extension QCow2Engine {
 
     func trimCluster(_ id: WriteID, slot: L2Slot, index: Int, mapping: ClusterMapping, inCluster: UInt64, segment: UInt64, _ writing: WritableState) {
         let guest = writing.writes[id].offset + writing.writes[id].position
-        writing.writes[id].position += segment
+        writing.writes[id].progress.skip(segment)
         // TRIM is advisory: partial clusters are left alone.
         guard inCluster == 0 && (segment == geometry.clusterSize || guest + segment == geometry.virtualSize) else { return }
         let backed = backingSize.map { geometry.clusterStart(guest) < $0 } ?? false

@@ -1,37 +1,30 @@
-// A guest read in flight: a cursor over the requested range plus a count of outstanding I/O.
+// A guest read in flight: its buffer and its progress over the range (RangeProgress).
 
 import BlockDevice
 
 struct ReadRequest {
-    /// Where the read is. The cursor `position` only moves forward; extents behind it have their I/O
-    /// issued (or were filled inline), extents at and after it are still to be looked up.
-    enum State {
-        /// Walking the range, issuing I/O per extent.
-        case resolving
-        /// Parked on the L2 slot of this L1 index until it loads.
-        case waitingForL2(l1Index: Int)
-        /// Every extent is issued; waiting for `pending` completions.
-        case draining
+    enum Wait {
+        /// The L2 table of this L1 index is loading.
+        case l2(l1Index: Int)
     }
 
     let tag: RequestTag
     let offset: UInt64
     let buffer: UnsafeMutableRawBufferPointer
-    var state: State = .resolving
-    var position: UInt64 = 0
-    var pending = 0
-    var error: BlockError?
+    var progress: RangeProgress<Wait>
     /// The in-flight generation this read pinned (writable images only).
     var generation: UInt64?
     /// Sub-ranges (relative to `offset`) known to read as zeros, for OFFSET_HOLE replies.
     var zeroRanges: [Range<UInt64>] = []
 
-    var length: UInt64 { UInt64(buffer.count) }
+    var length: UInt64 { progress.length }
+    var position: UInt64 { progress.position }
 
     init(tag: RequestTag, offset: UInt64, buffer: UnsafeMutableRawBufferPointer) {
         self.tag = tag
         self.offset = offset
         self.buffer = buffer
+        progress = RangeProgress(length: UInt64(buffer.count))
     }
 
     mutating func noteZero(_ range: Range<UInt64>) {

@@ -10,27 +10,32 @@ struct WriteRequest {
         case trim
     }
 
-    enum State {
-        /// Walking the range cluster by cluster.
-        case resolving
-        /// Parked on the L2 slot of this L1 index until it loads.
-        case waitingForL2(l1Index: Int)
-        /// Parked behind an allocation of the same guest cluster (Q3); re-resolves when it links.
-        case waitingForReservation
-        /// Everything issued; waiting for `pending` completions.
-        case draining
-        /// Done, waiting for the flush that FUA asked for.
-        case flushing
+    enum Wait {
+        /// The L2 table of this L1 index is loading.
+        case l2(l1Index: Int)
+        /// Another allocation of the same guest cluster is in flight (Q3); the write looks the cluster
+        /// up again once it is linked.
+        case reservation(AllocationID)
+        /// FUA: done, answered once a flush covering it is durable.
+        case flush
     }
 
     let tag: RequestTag
     let offset: UInt64
-    let length: UInt64
     let kind: Kind
     let fua: Bool
     let generation: UInt64
-    var state: State = .resolving
-    var position: UInt64 = 0
-    var pending = 0
-    var error: BlockError?
+    var progress: RangeProgress<Wait>
+
+    var length: UInt64 { progress.length }
+    var position: UInt64 { progress.position }
+
+    init(tag: RequestTag, offset: UInt64, length: UInt64, kind: Kind, fua: Bool, generation: UInt64) {
+        self.tag = tag
+        self.offset = offset
+        self.kind = kind
+        self.fua = fua
+        self.generation = generation
+        progress = RangeProgress(length: length)
+    }
 }
