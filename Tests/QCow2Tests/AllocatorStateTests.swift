@@ -75,7 +75,8 @@ struct AllocatorStateTests {
     @Test func longRunsOfGenerationsCompact() {
         var g = InFlightGenerations()
         g.pin(0)                                  // one old request that stays in flight
-        for gen in 1...10_000 as ClosedRange<UInt64> {
+        for value in 1...10_000 as ClosedRange<UInt64> {
+            let gen = Generation(integerLiteral: value)
             g.pin(gen)
             g.unpin(gen)
         }

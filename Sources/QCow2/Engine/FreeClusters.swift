@@ -15,14 +15,14 @@ struct FreeClusters {
     private(set) var readyCount = 0
     /// Freed clusters waiting for older I/O, in the order of their frees (generations ascending,
     /// which is the order frees are applied in).
-    private var quarantine = ArrayQueue<(cluster: UInt64, generation: UInt64)>()
+    private var quarantine = ArrayQueue<(cluster: UInt64, generation: Generation)>()
 
     var isEmpty: Bool { readyCount == 0 && quarantine.isEmpty }
     var count: Int { readyCount + quarantine.count }
 
     /// Adds a free cluster; `generation` 0 means nothing in flight can have it (ready at once).
-    mutating func insert(_ cluster: UInt64, generation: UInt64) {
-        if generation == 0 {
+    mutating func insert(_ cluster: UInt64, generation: Generation) {
+        if generation == .beforeAnyRequest {
             setReady(cluster)
         } else {
             quarantine.append((cluster, generation))
@@ -32,7 +32,7 @@ struct FreeClusters {
     /// Moves quarantined clusters whose free is older than every request in flight (`oldestInFlight`,
     /// nil when none is) to the ready set. Stops at the first one still too young: later frees are
     /// no older, so nothing eligible is skipped for long, and waiting longer is always safe.
-    mutating func release(oldestInFlight: UInt64?) {
+    mutating func release(oldestInFlight: Generation?) {
         while let q = quarantine.first {
             if let oldest = oldestInFlight, q.generation > oldest { break }
             setReady(q.cluster)

@@ -30,7 +30,7 @@ final class L2Slot {
     @exclusivity(unchecked) var pins = 0
     @exclusivity(unchecked) var lastUse: UInt64 = 0
     /// Epoch of the oldest link not yet captured by a flush; nil when the table on disk is current.
-    @exclusivity(unchecked) var dirtyEpoch: UInt64?
+    @exclusivity(unchecked) var dirtyEpoch: Epoch?
     /// Flush snapshots of this table not yet written: until they are, the file holds an older table,
     /// so the slot must stay even though it is no longer dirty.
     @exclusivity(unchecked) var writebacks = 0

@@ -38,8 +38,8 @@ struct FlushState {
     struct Captured {
         var refcounts = RefcountState.Capture()   // its byte buffers belong to the stages; only indices are used
         var l1Sectors: [Int] = []
-        var frees: [(generation: UInt64, clusters: [UInt64])] = []
-        var oldTableFree: (generation: UInt64, clusters: [UInt64])?
+        var frees: [(generation: Generation, clusters: [UInt64])] = []
+        var oldTableFree: (generation: Generation, clusters: [UInt64])?
         var data = false
     }
 
@@ -49,7 +49,7 @@ struct FlushState {
     /// Members that arrived while it runs: the next pipeline's.
     var queued: [Member] = []
     var captured = Captured()
-    var frees: [(generation: UInt64, clusters: [UInt64])] = []
+    var frees: [(generation: Generation, clusters: [UInt64])] = []
     /// Tables whose snapshots this pipeline writes (kept in the cache until then).
     var tables: [L2Slot] = []
 }
@@ -77,13 +77,13 @@ extension QCow2Engine {
             return
         }
         let captured = writing.epoch
-        writing.epoch += 1
+        writing.epoch = captured.next
         let stages = capture(upTo: captured, writing)
         perform(writing.flush.pipeline.start(stages), writing)
     }
 
     /// Copies everything dirty at or before `e` into the pipeline's stages.
-    private func capture(upTo e: UInt64, _ writing: WritableState) -> [FlushPipeline.Plan] {
+    private func capture(upTo e: Epoch, _ writing: WritableState) -> [FlushPipeline.Plan] {
         let g = geometry
         let refs = writing.refcounts.capture(upTo: e)
         var l2: [(UInt64, UnsafeMutableRawBufferPointer)] = []
@@ -126,7 +126,7 @@ extension QCow2Engine {
             // The old table is unreferenced once the switch is durable, at the end of this flush.
             if let old = refs.oldTable {
                 let first = old.offset / g.clusterSize
-                writing.generation += 1
+                writing.generation = writing.generation.next
                 let free = (writing.generation, (0..<UInt64(old.clusters)).map { first + $0 })
                 writing.flush.frees.append(free)
                 writing.flush.captured.oldTableFree = free
@@ -217,6 +217,6 @@ extension QCow2Engine {
     public var isDirty: Bool {
         guard let writing = writableState else { return false }
         return writing.unsyncedData || !writing.l1Dirty.isEmpty || !writing.pendingFrees.isEmpty
-            || cache.slots.values.contains { $0.dirtyEpoch != nil } || writing.refcounts.isDirty(upTo: UInt64.max)
+            || cache.slots.values.contains { $0.dirtyEpoch != nil } || writing.refcounts.isDirty(upTo: .latest)
     }
 }

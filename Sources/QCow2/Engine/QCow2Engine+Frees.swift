@@ -22,7 +22,7 @@ extension QCow2Engine {
 
     func queueFree(clusters: [UInt64], _ writing: WritableState) {
         guard !clusters.isEmpty else { return }
-        writing.generation += 1
+        writing.generation = writing.generation.next
         writing.pendingFrees.append((writing.epoch, writing.generation, clusters))
     }
 

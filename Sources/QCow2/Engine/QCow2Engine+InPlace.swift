@@ -30,7 +30,7 @@ public struct InPlaceWrite: Sendable {
     /// Where the guest bytes go in the image file.
     public let host: UInt64
     /// The generation pinned while the write is in flight (H8).
-    let generation: UInt64
+    let generation: Generation
 }
 
 extension QCow2Engine {

@@ -13,7 +13,7 @@ struct ReadRequest {
     let buffer: UnsafeMutableRawBufferPointer
     var progress: RangeProgress<Wait>
     /// The in-flight generation this read pinned (writable images only).
-    var generation: UInt64?
+    var generation: Generation?
     /// Sub-ranges (relative to `offset`) known to read as zeros, for OFFSET_HOLE replies.
     var zeroRanges: [Range<UInt64>] = []
 

@@ -22,14 +22,14 @@ struct RefcountState {
     /// Refcount blocks by reftable index.
     private(set) var blocks: [Int: UnsafeMutableRawBufferPointer] = [:]
     /// Epoch at which each block was last changed and not yet captured by a flush.
-    private(set) var dirtyBlocks: [Int: UInt64] = [:]
+    private(set) var dirtyBlocks: [Int: Epoch] = [:]
     /// Reftable entries changed since the last capture (by index), when the table did not move.
-    private(set) var dirtyTableEntries: [Int: UInt64] = [:]
+    private(set) var dirtyTableEntries: [Int: Epoch] = [:]
     /// Where the table lives on disk now, and where it will live once a flush switches the header.
     private(set) var tableOffset: UInt64
     private(set) var tableClusters: Int
     /// A grown table not yet written and switched to, with the epoch of the growth.
-    private(set) var movedTable: (offset: UInt64, clusters: Int, epoch: UInt64)?
+    private(set) var movedTable: (offset: UInt64, clusters: Int, epoch: Epoch)?
     /// First cluster index at or past the end of everything allocated.
     private(set) var endCluster: UInt64
     /// Clusters of the refcount table (the current one and a grown one not yet switched to) and of the
@@ -75,7 +75,7 @@ struct RefcountState {
             let last = min(endCluster, UInt64(t + 1) * perBlock)
             while c < last {
                 if RefcountEntry.get(raw, index: Int(c % perBlock), order: geometry.refcountOrder) == 0 {
-                    free.insert(c, generation: 0)
+                    free.insert(c, generation: .beforeAnyRequest)
                 }
                 c += 1
             }
@@ -97,7 +97,7 @@ struct RefcountState {
     }
 
     /// Sets a count whose refcount block exists (or creates the block). `epoch` marks it dirty.
-    mutating func setRefcount(ofCluster c: UInt64, to value: UInt64, epoch: UInt64) {
+    mutating func setRefcount(ofCluster c: UInt64, to value: UInt64, epoch: Epoch) {
         let (t, i) = geometry.refcountPosition(ofCluster: c)
         if blocks[t] == nil { createBlock(index: t, epoch: epoch) }
         RefcountEntry.set(blocks[t]!, index: i, order: geometry.refcountOrder, value: value)
@@ -107,7 +107,7 @@ struct RefcountState {
     // MARK: - Allocation
 
     /// Allocates `count` contiguous clusters at the end of the file with refcount 1.
-    mutating func allocateAtEnd(count: Int, epoch: UInt64) -> UInt64 {
+    mutating func allocateAtEnd(count: Int, epoch: Epoch) -> UInt64 {
         // Blocks created for these clusters land after them, so reserve first, then count.
         let first = endCluster
         endCluster += UInt64(count)
@@ -116,13 +116,13 @@ struct RefcountState {
     }
 
     /// One cluster: a reusable one whose last I/O is done if `oldestInFlight` allows, else at the end.
-    mutating func allocateOne(epoch: UInt64, oldestInFlight: UInt64?) -> UInt64 {
+    mutating func allocateOne(epoch: Epoch, oldestInFlight: Generation?) -> UInt64 {
         allocateRun(upTo: 1, epoch: epoch, oldestInFlight: oldestInFlight).host
     }
 
     /// Up to `maximum` contiguous clusters: the lowest run of reusable clusters (first fit keeps the
     /// file compact, as qemu does), else a run at the end of the file.
-    mutating func allocateRun(upTo maximum: Int, epoch: UInt64, oldestInFlight: UInt64?) -> (host: UInt64, count: Int) {
+    mutating func allocateRun(upTo maximum: Int, epoch: Epoch, oldestInFlight: Generation?) -> (host: UInt64, count: Int) {
         free.release(oldestInFlight: oldestInFlight)
         if let run = free.takeLowestRun(upTo: maximum) {
             for c in 0..<UInt64(run.count) { setRefcount(ofCluster: run.first + c, to: 1, epoch: epoch) }
@@ -132,7 +132,7 @@ struct RefcountState {
     }
 
     /// Creates an empty refcount block for reftable index `t`, growing the table if needed.
-    private mutating func createBlock(index t: Int, epoch: UInt64) {
+    private mutating func createBlock(index t: Int, epoch: Epoch) {
         if t >= table.count {
             grow(toCover: t, epoch: epoch)
             // Counting the new table's own clusters may already have created this very block.
@@ -151,12 +151,12 @@ struct RefcountState {
         setRefcount(ofCluster: home, to: 1, epoch: epoch)
     }
 
-    private mutating func noteTableChange(_ t: Int, epoch: UInt64) {
+    private mutating func noteTableChange(_ t: Int, epoch: Epoch) {
         if movedTable == nil { dirtyTableEntries[t] = epoch }
     }
 
     /// Builds a larger refcount table in memory (H3); the flush writes it and switches the header.
-    private mutating func grow(toCover t: Int, epoch: UInt64) {
+    private mutating func grow(toCover t: Int, epoch: Epoch) {
         let entriesPerCluster = Int(geometry.clusterSize / 8)
         let oldClusters = movedTable?.clusters ?? tableClusters
         if let unwritten = movedTable {
@@ -164,7 +164,7 @@ struct RefcountState {
             let first = unwritten.offset / geometry.clusterSize
             for k in 0..<UInt64(unwritten.clusters) {
                 setRefcount(ofCluster: first + k, to: 0, epoch: epoch)
-                free.insert(first + k, generation: 0)
+                free.insert(first + k, generation: .beforeAnyRequest)
                 metadataClusters.remove(first + k)
             }
         }
@@ -184,7 +184,7 @@ struct RefcountState {
 
     /// Applies a deferred decrease (after the removal is durable). Returns true when the count hit 0;
     /// the caller then either punches the cluster or makes it reusable.
-    mutating func release(cluster c: UInt64, epoch: UInt64) -> Bool {
+    mutating func release(cluster c: UInt64, epoch: Epoch) -> Bool {
         let count = refcount(ofCluster: c)
         guard count > 0 else { return false }   // already free: a repeated free is not ours to fix
         setRefcount(ofCluster: c, to: count - 1, epoch: epoch)
@@ -193,7 +193,7 @@ struct RefcountState {
 
     /// Offers a cluster whose count is zero to the allocator; it is handed out once no request older
     /// than `generation` is in flight (0: at once).
-    mutating func makeReusable(cluster c: UInt64, generation: UInt64) {
+    mutating func makeReusable(cluster c: UInt64, generation: Generation) {
         if refcount(ofCluster: c) == 0 { free.insert(c, generation: generation) }
     }
 
@@ -213,7 +213,7 @@ struct RefcountState {
 
     /// Copies everything dirty at or before `epoch` and marks it clean (Q6: later changes go to the
     /// live copies and belong to the next flush).
-    mutating func capture(upTo epoch: UInt64) -> Capture {
+    mutating func capture(upTo epoch: Epoch) -> Capture {
         var c = Capture()
         let size = Int(geometry.clusterSize)
         for (t, e) in dirtyBlocks where e <= epoch {
@@ -255,7 +255,7 @@ struct RefcountState {
     /// The flush that took `c` stopped on a write that may succeed later (the disk was full): what it
     /// captured is dirty again, at `epoch`, so the next flush writes it. `tableSwitched`: the header's
     /// switch to a captured new table is durable, so that table is the live one whatever failed after.
-    mutating func recapture(_ c: Capture, tableSwitched: Bool, epoch: UInt64) {
+    mutating func recapture(_ c: Capture, tableSwitched: Bool, epoch: Epoch) {
         for t in c.blockIndices where dirtyBlocks[t] == nil { dirtyBlocks[t] = epoch }
         if let new = c.newTable, let old = c.oldTable, !tableSwitched {
             if movedTable == nil {
@@ -266,7 +266,7 @@ struct RefcountState {
                 let first = new.offset / geometry.clusterSize
                 for k in 0..<UInt64(new.clusters) {
                     setRefcount(ofCluster: first + k, to: 0, epoch: epoch)
-                    free.insert(first + k, generation: 0)
+                    free.insert(first + k, generation: .beforeAnyRequest)
                 }
             }
             tableOffset = old.offset
@@ -279,7 +279,7 @@ struct RefcountState {
     }
 
     /// Whether anything is dirty at or before `epoch`.
-    func isDirty(upTo epoch: UInt64) -> Bool {
+    func isDirty(upTo epoch: Epoch) -> Bool {
         dirtyBlocks.values.contains { $0 <= epoch } || dirtyTableEntries.values.contains { $0 <= epoch }
             || (movedTable.map { $0.epoch <= epoch } ?? false)
     }

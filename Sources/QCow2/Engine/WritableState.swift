@@ -15,9 +15,9 @@ final class WritableState {
     // Loop-confined like the engine: `@exclusivity(unchecked)` for the same measured reason.
     @exclusivity(unchecked) var refcounts: RefcountState
     /// The epoch new metadata changes belong to; a flush captures everything before it.
-    @exclusivity(unchecked) var epoch: UInt64 = 1
+    @exclusivity(unchecked) var epoch: Epoch = 1
     /// L1 entries changed and not yet captured, by index, with their epoch.
-    @exclusivity(unchecked) var l1Dirty: [Int: UInt64] = [:]
+    @exclusivity(unchecked) var l1Dirty: [Int: Epoch] = [:]
     @exclusivity(unchecked) var writes = Slab<WriteID, WriteRequest>()
     @exclusivity(unchecked) var allocations = Slab<AllocationID, Allocation>()
     /// Guest clusters under allocation → allocation id.
@@ -28,8 +28,8 @@ final class WritableState {
     @exclusivity(unchecked) var inPlaceWrites = 0
     @exclusivity(unchecked) var inPlaceInFlight = 0
     /// Deferred refcount decreases: clusters whose last reference was removed at an epoch (O4).
-    @exclusivity(unchecked) var pendingFrees: [(epoch: UInt64, generation: UInt64, clusters: [UInt64])] = []
-    @exclusivity(unchecked) var generation: UInt64 = 0
+    @exclusivity(unchecked) var pendingFrees: [(epoch: Epoch, generation: Generation, clusters: [UInt64])] = []
+    @exclusivity(unchecked) var generation: Generation = 0
     @exclusivity(unchecked) var inFlight = InFlightGenerations()
     @exclusivity(unchecked) var flush = FlushState()
     /// Host clusters holding the L2 tables the L1 table points to, so that a data write or a free that
@@ -53,16 +53,16 @@ final class WritableState {
 
     // MARK: - Generations (H8)
 
-    func pinGeneration() -> UInt64 {
+    func pinGeneration() -> Generation {
         inFlight.pin(generation)
         return generation
     }
 
-    func unpinGeneration(_ g: UInt64) {
+    func unpinGeneration(_ g: Generation) {
         inFlight.unpin(g)
     }
 
-    var oldestInFlight: UInt64? { inFlight.oldest }
+    var oldestInFlight: Generation? { inFlight.oldest }
 
     // MARK: - Dirty state
 

@@ -24,13 +24,13 @@ struct WriteRequest {
     let offset: UInt64
     let kind: Kind
     let fua: Bool
-    let generation: UInt64
+    let generation: Generation
     var progress: RangeProgress<Wait>
 
     var length: UInt64 { progress.length }
     var position: UInt64 { progress.position }
 
-    init(tag: RequestTag, offset: UInt64, length: UInt64, kind: Kind, fua: Bool, generation: UInt64) {
+    init(tag: RequestTag, offset: UInt64, length: UInt64, kind: Kind, fua: Bool, generation: Generation) {
         self.tag = tag
         self.offset = offset
         self.kind = kind
