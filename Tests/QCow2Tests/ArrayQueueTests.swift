@@ -27,7 +27,11 @@ import Testing
             default:
                 if !model.isEmpty {
                     let distance = Int.random(in: 0..<model.count, using: &g)
-                    #expect(queue.element(fromNewest: distance) == model[model.count - 1 - distance])
+                    let value = model[model.count - 1 - distance]
+                    // Values are unique (each appended once, then moved up by a million at most a few
+                    // times), so the search finds exactly this place.
+                    #expect(queue.distanceFromNewest(where: { $0 == value }) == distance)
+                    #expect(queue.distanceFromNewest(where: { $0 < 0 }) == nil)
                     queue.modify(fromNewest: distance) { $0 += 1_000_000 }
                     model[model.count - 1 - distance] += 1_000_000
                 }

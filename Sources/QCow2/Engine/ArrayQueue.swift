@@ -68,12 +68,16 @@ struct ArrayQueue<Element> {
         return body(&storage[index])
     }
 
-    /// The element `fromNewest` places before the newest (0: the newest itself).
+    /// How many places before the newest the newest element matching `predicate` is (0: the newest
+    /// itself); nil when none matches. Searches from the newest end.
     @inline(__always)
-    func element(fromNewest distance: Int) -> Element {
-        let index = storage.count - 1 - distance
-        precondition(distance >= 0 && index >= head, "ArrayQueue: no element \(distance) before the newest")
-        return storage[index]
+    func distanceFromNewest(where predicate: (Element) -> Bool) -> Int? {
+        var index = storage.count - 1
+        while index >= head {
+            if predicate(storage[index]) { return storage.count - 1 - index }
+            index -= 1
+        }
+        return nil
     }
 
     /// Releases the popped elements' storage slots when that is worth it (see the header).

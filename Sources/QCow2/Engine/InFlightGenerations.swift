@@ -6,10 +6,10 @@
 // request and scan all its keys for every allocation.
 
 struct InFlightGenerations {
-    private var entries = ArrayQueue<(generation: UInt64, count: Int)>()
+    private var entries = ArrayQueue<(generation: Generation, count: Int)>()
 
     /// One more request in flight at `generation` (never older than one pinned before).
-    mutating func pin(_ generation: UInt64) {
+    mutating func pin(_ generation: Generation) {
         if let newest = entries.last, newest.generation == generation {
             entries.modify(fromNewest: 0) { $0.count += 1 }
         } else {
@@ -20,13 +20,10 @@ struct InFlightGenerations {
     }
 
     /// A request pinned at `generation` has finished.
-    mutating func unpin(_ generation: UInt64) {
+    mutating func unpin(_ generation: Generation) {
         // Usually the newest entry or close to it: search from the end.
-        var distance = 0
-        while true {
-            precondition(distance < entries.count, "unpinning generation \(generation), which has nothing in flight")
-            if entries.element(fromNewest: distance).generation == generation { break }
-            distance += 1
+        guard let distance = entries.distanceFromNewest(where: { $0.generation == generation }) else {
+            preconditionFailure("unpinning \(generation), which has nothing in flight")
         }
         entries.modify(fromNewest: distance) { entry in
             entry.count -= 1
@@ -36,5 +33,5 @@ struct InFlightGenerations {
     }
 
     /// The oldest generation with a request in flight; nil when none is.
-    var oldest: UInt64? { entries.first?.generation }
+    var oldest: Generation? { entries.first?.generation }
 }
