@@ -28,7 +28,7 @@ let package = Package(
         // GnuTLS (Debian's libgnutls28-dev), seen only by the TLS module.
         .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
         // TLS over UVCore's streams: credentials and policy, and TLSStream (GnuTLS driven by the loop).
-        .target(name: "TLS", dependencies: ["UVCore", "CGnuTLS"]),
+        .target(name: "TLS", dependencies: ["UVCore", "CGnuTLS", "SystemCalls"]),
         // Moves bytes both ways through TLSStream (or plain), for callgrind instruction counts.
         .executableTarget(name: "TLSThroughput", dependencies: ["TLS", "UVCore", "CGnuTLS"]),
         // Pure qcow2 format and request state machines: I/O leaves as actions, results return as events.
@@ -44,7 +44,7 @@ let package = Package(
         .target(name: "QCow2Tools", dependencies: ["QCow2", "BlockDevice", "SystemCalls"]),
         // Glue: listeners, connections, exports, configuration.
         .target(name: "NBDServer", dependencies: [
-            "UVCore", "NBDProtocol", "BlockDevice", "RawDriver", "QCow2", "QCow2Driver", "TLS",
+            "UVCore", "NBDProtocol", "BlockDevice", "RawDriver", "QCow2", "QCow2Driver", "TLS", "SystemCalls",
         ]),
         .executableTarget(name: "qnbd", dependencies: [
             "NBDServer", "NBDProtocol", "TLS",

@@ -13,6 +13,7 @@
 // asks for nothing and is accepted), values of the wrong type, duplicates. Relative paths are taken
 // relative to the directory of the file they appear in.
 
+import SystemCalls
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -153,22 +154,20 @@ public enum ConfigFile {
     }
 
     static func readText(_ path: String, referencedFrom entry: Entry?, what: String = "the config file") throws(ConfigError) -> String {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else {
-            let why = String(cString: strerror(errno))
-            if let entry { throw ConfigError(file: entry.file, line: entry.line, "cannot read \(path): \(why)") }
-            throw ConfigError(file: path, line: 0, "cannot read \(what): \(why) (as uid \(getuid()))")
-        }
-        defer { close(fd) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
-            guard n >= 0 else { throw ConfigError(file: path, line: 0, "cannot read: \(String(cString: strerror(errno)))") }
-            if n == 0 { break }
-            bytes += chunk[0..<n]
-            guard bytes.count <= 16 << 20 else { throw ConfigError(file: path, line: 0, "larger than 16 MiB; is this a config file?") }
+        let bytes: [UInt8]
+        do {
+            bytes = try SystemCall.readSmallFile(path, limit: 16 << 20)
+        } catch {
+            let why = error.systemMessage
+            switch error.reason {
+            case .cannotOpen:
+                if let entry { throw ConfigError(file: entry.file, line: entry.line, "cannot read \(path): \(why)") }
+                throw ConfigError(file: path, line: 0, "cannot read \(what): \(why) (as uid \(getuid()))")
+            case .cannotRead:
+                throw ConfigError(file: path, line: 0, "cannot read: \(why)")
+            case .tooLarge:
+                throw ConfigError(file: path, line: 0, "larger than 16 MiB; is this a config file?")
+            }
         }
         guard let text = String(validating: bytes, as: UTF8.self) else {
             throw ConfigError(file: path, line: 0, "is not UTF-8 text")

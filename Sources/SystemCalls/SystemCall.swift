@@ -94,6 +94,29 @@ public enum SystemCall {
         return count
     }
 
+    /// Reads the whole of a small file (a config file, an authfile, a key file): opens `path`, reads
+    /// to end of file with read(2), so pipes and /dev/stdin work too, and closes it. A file holding
+    /// more than `limit` bytes is refused after reading at most one chunk past the limit, so a path
+    /// that names a disk image by mistake costs no more than that. Throws rather than returning
+    /// -errno: its callers run at startup or reload and report to an operator, not to the pool.
+    public static func readSmallFile(_ path: String, limit: Int) throws(SmallFileError) -> [UInt8] {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SmallFileError(path: path, reason: .cannotOpen(errno: errno)) }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SmallFileError(path: path, reason: .cannotRead(errno: errno))
+            }
+            if n == 0 { return bytes }
+            bytes += chunk[0..<n]
+            if bytes.count > limit { throw SmallFileError(path: path, reason: .tooLarge(limit: limit)) }
+        }
+    }
+
     /// One preadv2(RWF_NOWAIT): the bytes the page cache holds (0 at end of file) or -errno (-EAGAIN:
     /// not cached; -EOPNOTSUPP: the file system cannot say). Short counts are the caller's to finish.
     public static func readWithoutBlocking(_ fd: Int32, into buffer: UnsafeMutableRawPointer, count: Int,
@@ -152,6 +175,40 @@ public enum SystemCall {
         while true {
             if call() == 0 { return 0 }
             if errno != EINTR { return -Int(errno) }
+        }
+    }
+}
+
+/// Why `SystemCall.readSmallFile` gave up. Callers word their own messages from `reason`; the
+/// description is a fallback that names the path.
+public struct SmallFileError: Error, Equatable, CustomStringConvertible {
+    public enum Reason: Equatable, Sendable {
+        case cannotOpen(errno: Int32)
+        case cannotRead(errno: Int32)
+        case tooLarge(limit: Int)
+    }
+
+    public let path: String
+    public let reason: Reason
+
+    public init(path: String, reason: Reason) {
+        self.path = path
+        self.reason = reason
+    }
+
+    /// strerror's text for the errno of a failed open or read; empty for `tooLarge`.
+    public var systemMessage: String {
+        switch reason {
+        case .cannotOpen(let code), .cannotRead(let code): String(cString: strerror(code))
+        case .tooLarge: ""
+        }
+    }
+
+    public var description: String {
+        switch reason {
+        case .cannotOpen: "\(path): cannot open: \(systemMessage)"
+        case .cannotRead: "\(path): cannot read: \(systemMessage)"
+        case .tooLarge(let limit): "\(path): larger than \(limit) bytes"
         }
     }
 }

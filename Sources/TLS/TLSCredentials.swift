@@ -8,6 +8,7 @@
 
 import CGnuTLS
 import Glibc
+import SystemCalls
 
 /// Loaded credentials and policy; make sessions with `TLSStream(wrapping:credentials:delegate:)`.
 public final class TLSCredentials: @unchecked Sendable {
@@ -186,20 +187,12 @@ private func looseModeWarning(_ path: String) -> String? {
 }
 
 private func readTextFile(_ path: String) throws(TLSSetupError) -> String {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { throw .unreadableFile(path: path, reason: String(cString: strerror(errno))) }
-    defer { close(fd) }
-    var bytes: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
-        if n < 0 {
-            if errno == EINTR { continue }
-            throw .unreadableFile(path: path, reason: String(cString: strerror(errno)))
+    do {
+        return String(decoding: try SystemCall.readSmallFile(path, limit: 1 << 20), as: UTF8.self)
+    } catch {
+        switch error.reason {
+        case .cannotOpen, .cannotRead: throw .unreadableFile(path: path, reason: error.systemMessage)
+        case .tooLarge: throw .badFile(path: path, reason: "larger than 1 MiB")
         }
-        if n == 0 { break }
-        bytes.append(contentsOf: chunk[0..<n])
-        if bytes.count > 1 << 20 { throw .badFile(path: path, reason: "larger than 1 MiB") }
     }
-    return String(decoding: bytes, as: UTF8.self)
 }

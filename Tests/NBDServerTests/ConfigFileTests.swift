@@ -169,6 +169,36 @@ import Testing
         #expect(throws: ConfigError.self) { try ConfigFile.load("/nonexistent/qnbd.conf") }
     }
 
+    /// The messages of the capped whole-file read, worded for a config file.
+    @Test func unreadableOversizedAndBinaryFilesAreNamed() throws {
+        let dir = NSTemporaryDirectory() + "qnbd-conf-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir + "/conf.d", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func loadFailure(_ path: String) -> String? {
+            do {
+                _ = try ConfigFile.load(path)
+                return nil
+            } catch {
+                return error.description
+            }
+        }
+        #expect(loadFailure(dir + "/none.conf") == dir + "/none.conf: cannot read the config file: No such file or directory (as uid \(getuid()))")
+        #expect(loadFailure(dir) == dir + ": cannot read: Is a directory")
+
+        let big = dir + "/big.conf"
+        #expect(FileManager.default.createFile(atPath: big, contents: Data(repeating: 0x23, count: (16 << 20) + 1)))
+        #expect(loadFailure(big) == big + ": larger than 16 MiB; is this a config file?")
+
+        let binary = dir + "/binary.conf"
+        #expect(FileManager.default.createFile(atPath: binary, contents: Data([0x5b, 0xff, 0x5d])))
+        #expect(loadFailure(binary) == binary + ": is not UTF-8 text")
+
+        // An included file that cannot be opened is blamed on the includedir line that named it.
+        #expect(symlink(dir + "/nowhere", dir + "/conf.d/dangling.conf") == 0)
+        #expect(failure("[generic]\nincludedir = conf.d\n", file: dir + "/main.conf")
+                == dir + "/main.conf:2: cannot read \(dir)/conf.d/dangling.conf: No such file or directory")
+    }
+
     @Test func authfileSemantics() throws {
         let list = try AccessList.parse("""
             127.0.0.1

@@ -2,7 +2,6 @@
 // flags nbd-server's trim/flush/fua/rotational keys shape, per-peer handshakes from the export table
 // (authfile refusals and maxconnections), and the same-image check.
 
-import BlockDevice
 import Foundation
 import NBDProtocol
 @testable import NBDServer
@@ -10,20 +9,6 @@ import Testing
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// A device that only reports capabilities; the tests never do I/O on it.
-private final class StubDevice: BlockDevice {
-    let size: UInt64 = 1 << 20
-    let capabilities = BlockCapabilities(writable: true, canTrim: true, canZero: true, canFastZero: true)
-    let summary = "stub"
-    func read(offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, tag: UInt64, handler: BlockIOHandler) {}
-    func write(offset: UInt64, from buffer: UnsafeRawBufferPointer, fua: Bool, tag: UInt64, handler: BlockIOHandler) {}
-    func writeZeroes(offset: UInt64, length: UInt64, options: ZeroOptions, tag: UInt64, handler: BlockIOHandler) {}
-    func trim(offset: UInt64, length: UInt64, fua: Bool, tag: UInt64, handler: BlockIOHandler) {}
-    func flush(tag: UInt64, handler: BlockIOHandler) {}
-    func cache(offset: UInt64, length: UInt64, tag: UInt64, handler: BlockIOHandler) {}
-    func blockStatus(offset: UInt64, length: UInt64, tag: UInt64, handler: BlockIOHandler) {}
-}
 
 @Suite struct ServiceTests {
     /// A datagram socket bound at `address` ("@name" for abstract), and what it received.
@@ -66,27 +51,27 @@ private final class StubDevice: BlockDevice {
 
     @Test func featureKeysShapeTheAdvertisedFlags() {
         var c = ExportConfiguration(name: "d", imagePath: "/d")
-        let all = Export(configuration: c, device: StubDevice()).descriptor.flags
+        let all = Export(configuration: c, device: MemoryDevice()).descriptor.flags
         #expect(all.isSuperset(of: [.sendTrim, .sendFlush, .sendFUA]))
         #expect(!all.contains(.rotational))
         c.trim = false
         c.fua = false
         c.rotational = true
-        let some = Export(configuration: c, device: StubDevice()).descriptor.flags
+        let some = Export(configuration: c, device: MemoryDevice()).descriptor.flags
         #expect(!some.contains(.sendTrim) && !some.contains(.sendFUA))
         #expect(some.contains(.sendFlush) && some.contains(.rotational))
         c.flush = false
         c.fua = nil
-        let none = Export(configuration: c, device: StubDevice()).descriptor.flags
+        let none = Export(configuration: c, device: MemoryDevice()).descriptor.flags
         #expect(!none.contains(.sendFlush) && !none.contains(.sendFUA), "no FUA without FLUSH")
     }
 
     @Test func handshakePerPeerCarriesRefusals() throws {
         var limited = ExportConfiguration(name: "limited", imagePath: "/l")
         limited.maximumConnections = 1
-        let guarded = Export(configuration: ExportConfiguration(name: "guarded", imagePath: "/g"), device: StubDevice())
+        let guarded = Export(configuration: ExportConfiguration(name: "guarded", imagePath: "/g"), device: MemoryDevice())
         guarded.access = try AccessList.parse("192.0.2.0/24\n", file: "allow")
-        let table = ExportTable([Export(configuration: limited, device: StubDevice()), guarded])
+        let table = ExportTable([Export(configuration: limited, device: MemoryDevice()), guarded])
 
         var stranger = table.handshake(forPeer: "203.0.113.9:4000")
         _ = stranger.receive([0, 0, 0, 3])

@@ -52,6 +52,13 @@ private func loadError(_ configuration: TLSConfiguration) -> TLSSetupError? {
                 == .unreadableFile(path: "\(directory)/server-key.pem", reason: "not a regular file"))
     }
 
+    @Test func oversizedPSKFileIsRefused() {
+        let psk = "\(credentials.root)/huge-\(UInt32.random(in: 0...UInt32.max)).psk"
+        writeFile(psk, String(repeating: "#\n", count: (1 << 19) + 1))
+        chmod(psk, 0o600)
+        #expect(loadError(TLSConfiguration(pskFile: psk)) == .badFile(path: psk, reason: "larger than 1 MiB"))
+    }
+
     @Test func brokenFilesAreNamed() {
         let directory = copyOfCertificates("broken")
         writeFile("\(directory)/server-cert.pem", "not a certificate\n")

@@ -294,6 +294,59 @@ def listening_tcp_port(pid):
     return None
 
 
+def server_fd_count(pid):
+    """How many fds `pid` holds open, or None once it is gone; for checks that fds return to a
+    baseline. Pipes to an llvm-symbolizer child are left out: a sanitizer runtime (ThreadSanitizer
+    checking a suppression, say) starts one the first time it symbolizes and keeps two pipes to it
+    for the life of the process, which are the runtime's, not qnbd's. Only pipes whose inode the
+    symbolizer itself holds are left out, so a pipe qnbd leaks still counts."""
+    try:
+        fds = os.listdir("/proc/%d/fd" % pid)
+    except OSError:
+        return None
+    theirs = symbolizer_pipes(pid)
+    if not theirs:
+        return len(fds)
+    count = 0
+    for fd in fds:
+        try:
+            link = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue  # closed since the listing
+        if link not in theirs:
+            count += 1
+    return count
+
+
+def symbolizer_pipes(pid):
+    """The "pipe:[inode]" links open in llvm-symbolizer children of `pid`. A child shows up in the
+    children file of the thread that forked it, so every thread's file is read."""
+    children = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/%d/task" % pid):
+            with contextlib.suppress(OSError):
+                with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                    children.update(int(c) for c in f.read().split())
+    pipes = set()
+    for child in children:
+        with contextlib.suppress(OSError):
+            with open("/proc/%d/comm" % child) as f:
+                comm = f.read().strip()
+            # comm is cut at 15 bytes, exactly "llvm-symbolizer"; a versioned binary
+            # (llvm-symbolizer-16) keeps that prefix in both comm and exe.
+            exe = ""
+            with contextlib.suppress(OSError):
+                exe = os.path.basename(os.readlink("/proc/%d/exe" % child))
+            if not (comm.startswith("llvm-symbolizer") or exe.startswith("llvm-symbolizer")):
+                continue
+            for fd in os.listdir("/proc/%d/fd" % child):
+                with contextlib.suppress(OSError):
+                    link = os.readlink("/proc/%d/fd/%s" % (child, fd))
+                    if link.startswith("pipe:["):
+                        pipes.add(link)
+    return pipes
+
+
 def free_tcp_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
