@@ -8,7 +8,7 @@ import Testing
 struct AllocatorStateTests {
     @Test func lowestRunComesFirstWhateverTheInsertOrder() {
         var free = FreeClusters()
-        for c: UInt64 in [900, 7, 5, 6, 64, 65, 63, 8] { free.insert(c, generation: 0) }
+        for c: UInt64 in [900, 7, 5, 6, 64, 65, 63, 8] { free.insert(c, freedAt: nil) }
         #expect(free.count == 8)
         #expect(free.takeLowestRun(upTo: 16)! == (5, 4))      // 5 6 7 8
         #expect(free.takeLowestRun(upTo: 2)! == (63, 2))      // 63 64, across a word boundary
@@ -20,8 +20,8 @@ struct AllocatorStateTests {
 
     @Test func aClusterInsertedTwiceIsHandedOutOnce() {
         var free = FreeClusters()
-        free.insert(3, generation: 0)
-        free.insert(3, generation: 0)
+        free.insert(3, freedAt: nil)
+        free.insert(3, freedAt: nil)
         #expect(free.count == 1)
         #expect(free.takeLowestRun(upTo: 4)! == (3, 1))
         #expect(free.takeLowestRun(upTo: 4) == nil)
@@ -29,8 +29,8 @@ struct AllocatorStateTests {
 
     @Test func quarantinedClustersWaitForOlderRequests() {
         var free = FreeClusters()
-        free.insert(10, generation: 2)
-        free.insert(11, generation: 3)
+        free.insert(10, freedAt: 2)
+        free.insert(11, freedAt: 3)
         free.release(oldestInFlight: 1)          // a request from before both frees still runs
         #expect(free.takeLowestRun(upTo: 4) == nil)
         #expect(!free.isEmpty)
@@ -45,7 +45,7 @@ struct AllocatorStateTests {
         // A trimmed 128 GiB of 64 KiB clusters: 2M free clusters. Every allocation takes the lowest.
         var free = FreeClusters()
         let n: UInt64 = 1 << 21
-        for c in stride(from: n - 1, through: 0, by: -1) { free.insert(c, generation: 0) }
+        for c in stride(from: n - 1, through: 0, by: -1) { free.insert(c, freedAt: nil) }
         for expected in 0..<UInt64(1000) {
             #expect(free.takeLowestRun(upTo: 1)!.first == expected)
         }
@@ -76,7 +76,7 @@ struct AllocatorStateTests {
         var g = InFlightGenerations()
         g.pin(0)                                  // one old request that stays in flight
         for value in 1...10_000 as ClosedRange<UInt64> {
-            let gen = Generation(integerLiteral: value)
+            let gen = Generation(value)
             g.pin(gen)
             g.unpin(gen)
         }
@@ -84,4 +84,10 @@ struct AllocatorStateTests {
         g.unpin(0)
         #expect(g.oldest == nil)
     }
+}
+
+// Literal generations keep these tables of pins and frees readable; the engine itself has no literal
+// conformance, so that no integer turns into a Generation there by accident.
+extension Generation: ExpressibleByIntegerLiteral {
+    public init(integerLiteral value: UInt64) { self.init(value) }
 }

@@ -8,10 +8,11 @@ import Testing
 
 @Suite("RangeProgress")
 struct RangeProgressTests {
-    enum Wait { case table, flush }
+    enum Wait { case table }
+    enum Hold { case flush }
 
     @Test func aWalkIssuesThenDrainsAndIsAnsweredAfterTheLastCompletion() {
-        var p = RangeProgress<Wait>(length: 3000)
+        var p = RangeProgress<Wait, Hold>(length: 3000)
         p.issue(1000)
         p.skip(500)
         p.issue(1500)
@@ -25,7 +26,7 @@ struct RangeProgressTests {
     }
 
     @Test func completionsDuringTheWalkDoNotAnswerEarly() {
-        var p = RangeProgress<Wait>(length: 2000)
+        var p = RangeProgress<Wait, Hold>(length: 2000)
         p.issue(1000)
         let early = p.completed(nil)    // back before the walk reached the end
         #expect(!early)
@@ -37,7 +38,7 @@ struct RangeProgressTests {
     }
 
     @Test func aParkedWalkResumesAtItsCursor() {
-        var p = RangeProgress<Wait>(length: 4096)
+        var p = RangeProgress<Wait, Hold>(length: 4096)
         p.skip(512)
         p.park(.table)
         guard case .waiting(.table) = p.state else { Issue.record("not parked: \(p.state)"); return }
@@ -46,7 +47,7 @@ struct RangeProgressTests {
     }
 
     @Test func theFirstFailureWinsAndTheRequestWaitsForItsIO() {
-        var p = RangeProgress<Wait>(length: 8192)
+        var p = RangeProgress<Wait, Hold>(length: 8192)
         p.issue(4096)
         let failed = p.fail(BlockError(errno: 5))   // one I/O still out: not answerable yet
         #expect(!failed && p.position == 8192)
@@ -55,14 +56,14 @@ struct RangeProgressTests {
     }
 
     @Test func aParkedRequestCanFail() {
-        var p = RangeProgress<Wait>(length: 100)
+        var p = RangeProgress<Wait, Hold>(length: 100)
         p.park(.table)
         let failed = p.fail(BlockError(errno: 5))
         #expect(failed && p.canBeAnswered)
     }
 
     @Test func aDrainedWriteIsHeldForItsFlush() {
-        var p = RangeProgress<Wait>(length: 10)
+        var p = RangeProgress<Wait, Hold>(length: 10)
         p.issue(10)
         let atEnd = p.reachedEnd()
         let drained = p.completed(nil)
@@ -74,21 +75,21 @@ struct RangeProgressTests {
 
     @Test func resumingWithoutAWaitTraps() async {
         await #expect(processExitsWith: .failure) {
-            var p = RangeProgress<Wait>(length: 10)
+            var p = RangeProgress<Wait, Hold>(length: 10)
             p.resume()
         }
     }
 
     @Test func issuingPastTheEndTraps() async {
         await #expect(processExitsWith: .failure) {
-            var p = RangeProgress<Wait>(length: 10)
+            var p = RangeProgress<Wait, Hold>(length: 10)
             p.issue(11)
         }
     }
 
     @Test func issuingWhileParkedTraps() async {
         await #expect(processExitsWith: .failure) {
-            var p = RangeProgress<Wait>(length: 10)
+            var p = RangeProgress<Wait, Hold>(length: 10)
             p.park(.table)
             p.skip(5)
         }
@@ -96,7 +97,7 @@ struct RangeProgressTests {
 
     @Test func aCompletionWithNothingPendingTraps() async {
         await #expect(processExitsWith: .failure) {
-            var p = RangeProgress<Wait>(length: 10)
+            var p = RangeProgress<Wait, Hold>(length: 10)
             p.skip(10)
             _ = p.reachedEnd()
             _ = p.completed(nil)
@@ -105,7 +106,7 @@ struct RangeProgressTests {
 
     @Test func holdingAFailedRequestTraps() async {
         await #expect(processExitsWith: .failure) {
-            var p = RangeProgress<Wait>(length: 10)
+            var p = RangeProgress<Wait, Hold>(length: 10)
             _ = p.fail(BlockError(errno: 5))
             p.hold(.flush)
         }
@@ -113,7 +114,7 @@ struct RangeProgressTests {
 
     @Test func endingTheWalkWithBytesLeftTraps() async {
         await #expect(processExitsWith: .failure) {
-            var p = RangeProgress<Wait>(length: 10)
+            var p = RangeProgress<Wait, Hold>(length: 10)
             p.skip(4)
             _ = p.reachedEnd()
         }

@@ -20,12 +20,14 @@ struct FreeClusters {
     var isEmpty: Bool { readyCount == 0 && quarantine.isEmpty }
     var count: Int { readyCount + quarantine.count }
 
-    /// Adds a free cluster; `generation` 0 means nothing in flight can have it (ready at once).
-    mutating func insert(_ cluster: UInt64, generation: Generation) {
-        if generation == .beforeAnyRequest {
-            setReady(cluster)
-        } else {
+    /// Adds a free cluster. `freedAt`: the generation of its free, which requests still in flight
+    /// from before it may be touching; nil when none can be (free at open, never written, punched),
+    /// so it is ready at once.
+    mutating func insert(_ cluster: UInt64, freedAt generation: Generation?) {
+        if let generation {
             quarantine.append((cluster, generation))
+        } else {
+            setReady(cluster)
         }
     }
 

@@ -148,8 +148,8 @@ extension QCow2Engine {
             }
             writing.markDirty(slot)
         }
-        // Writers parked on these clusters look them up again before the allocating write is answered:
-        // the same order as before the machine moved into RangeProgress.
+        // Writers parked on these clusters look them up again first. The order does not matter for
+        // the allocating write: this I/O is still pending on it, so nothing they do can answer it.
         for w in allocation.waiters { resumeWrite(w, writing) }
         writeIOCompleted(id, errno.map { BlockError(errno: $0) }, writing)
     }

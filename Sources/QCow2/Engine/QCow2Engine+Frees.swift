@@ -48,7 +48,7 @@ extension QCow2Engine {
                 }
                 guard writing.refcounts.release(cluster: c, epoch: writing.epoch) else { continue }
                 guard punchable else {
-                    writing.refcounts.makeReusable(cluster: c, generation: gen)
+                    writing.refcounts.makeReusable(cluster: c, freedAt: gen)
                     continue
                 }
                 if let start = punchStart, start + punchCount == c {
@@ -65,6 +65,6 @@ extension QCow2Engine {
     }
 
     func punchCompleted(cluster: UInt64, count: UInt64, _ writing: WritableState) {
-        for k in 0..<count { writing.refcounts.makeReusable(cluster: cluster + k, generation: 0) }
+        for k in 0..<count { writing.refcounts.makeReusable(cluster: cluster + k, freedAt: nil) }
     }
 }

@@ -38,9 +38,7 @@ extension QCow2Engine {
     func wake(_ waiters: [Waiter]) {
         for w in waiters {
             switch w {
-            case .read(let id):
-                reads[id].progress.resume()
-                continueRead(id)
+            case .read(let id): resumeRead(id)
             case .status(let id): continueStatus(id)
             case .write(let id): resumeWrite(id, writeSide("a parked write"))
             }

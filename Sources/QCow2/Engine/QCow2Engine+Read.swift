@@ -15,8 +15,13 @@ extension QCow2Engine {
         continueRead(id)
     }
 
-    /// Walks the read from its cursor; after a wait, `wake` resumes it first.
-    func continueRead(_ id: ReadID) {
+    func resumeRead(_ id: ReadID) {
+        reads[id].progress.resume()
+        continueRead(id)
+    }
+
+    /// Walks the read from its cursor; after a wait, `resumeRead` goes on from there.
+    private func continueRead(_ id: ReadID) {
         while reads[id].progress.hasRemaining {
             let guest = reads[id].offset + reads[id].position
             let l1Index = geometry.l1Index(guest)

@@ -11,7 +11,7 @@
 
 import BlockDevice
 
-struct RangeProgress<Wait> {
+struct RangeProgress<Wait, Hold> {
     enum State {
         /// Walking the range at `position`, issuing I/O per extent.
         case resolving
@@ -21,8 +21,8 @@ struct RangeProgress<Wait> {
         /// are still due.
         case draining
         /// Drained and successful, held for one more thing before it is answered (a write's FUA
-        /// flush).
-        case holding(Wait)
+        /// flush); whatever it is held for answers it when it is over.
+        case holding(Hold)
     }
 
     let length: UInt64
@@ -40,13 +40,14 @@ struct RangeProgress<Wait> {
 
     var remaining: UInt64 { length - position }
     var hasRemaining: Bool { position < length }
-    /// Answerable: nothing left to issue and nothing pending.
+    /// Drained: nothing left to issue and nothing pending.
     var isDrained: Bool {
         if case .draining = state { return pending == 0 }
         return false
     }
 
-    /// Drained, or held and the thing it was held for is over: the request may be answered now.
+    /// Whether answering the request now is legal: drained, or held (only what it is held for
+    /// answers a held request, when that is over).
     var canBeAnswered: Bool {
         switch state {
         case .draining: return pending == 0
@@ -115,7 +116,7 @@ struct RangeProgress<Wait> {
     }
 
     /// A drained, successful request is held for `reason` before it is answered.
-    mutating func hold(_ reason: Wait) {
+    mutating func hold(_ reason: Hold) {
         guard isDrained, error == nil else { preconditionFailure("hold from \(state)") }
         state = .holding(reason)
     }

@@ -11,7 +11,8 @@ struct ReadRequest {
     let tag: RequestTag
     let offset: UInt64
     let buffer: UnsafeMutableRawBufferPointer
-    var progress: RangeProgress<Wait>
+    /// Reads are never held once drained.
+    var progress: RangeProgress<Wait, Never>
     /// The in-flight generation this read pinned (writable images only).
     var generation: Generation?
     /// Sub-ranges (relative to `offset`) known to read as zeros, for OFFSET_HOLE replies.

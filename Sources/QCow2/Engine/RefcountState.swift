@@ -75,7 +75,7 @@ struct RefcountState {
             let last = min(endCluster, UInt64(t + 1) * perBlock)
             while c < last {
                 if RefcountEntry.get(raw, index: Int(c % perBlock), order: geometry.refcountOrder) == 0 {
-                    free.insert(c, generation: .beforeAnyRequest)
+                    free.insert(c, freedAt: nil)
                 }
                 c += 1
             }
@@ -164,7 +164,7 @@ struct RefcountState {
             let first = unwritten.offset / geometry.clusterSize
             for k in 0..<UInt64(unwritten.clusters) {
                 setRefcount(ofCluster: first + k, to: 0, epoch: epoch)
-                free.insert(first + k, generation: .beforeAnyRequest)
+                free.insert(first + k, freedAt: nil)
                 metadataClusters.remove(first + k)
             }
         }
@@ -192,9 +192,9 @@ struct RefcountState {
     }
 
     /// Offers a cluster whose count is zero to the allocator; it is handed out once no request older
-    /// than `generation` is in flight (0: at once).
-    mutating func makeReusable(cluster c: UInt64, generation: Generation) {
-        if refcount(ofCluster: c) == 0 { free.insert(c, generation: generation) }
+    /// than `freedAt` is in flight (nil: at once, see `FreeClusters.insert`).
+    mutating func makeReusable(cluster c: UInt64, freedAt generation: Generation?) {
+        if refcount(ofCluster: c) == 0 { free.insert(c, freedAt: generation) }
     }
 
     // MARK: - Flush capture
@@ -266,7 +266,7 @@ struct RefcountState {
                 let first = new.offset / geometry.clusterSize
                 for k in 0..<UInt64(new.clusters) {
                     setRefcount(ofCluster: first + k, to: 0, epoch: epoch)
-                    free.insert(first + k, generation: .beforeAnyRequest)
+                    free.insert(first + k, freedAt: nil)
                 }
             }
             tableOffset = old.offset

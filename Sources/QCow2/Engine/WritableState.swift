@@ -15,7 +15,7 @@ final class WritableState {
     // Loop-confined like the engine: `@exclusivity(unchecked)` for the same measured reason.
     @exclusivity(unchecked) var refcounts: RefcountState
     /// The epoch new metadata changes belong to; a flush captures everything before it.
-    @exclusivity(unchecked) var epoch: Epoch = 1
+    @exclusivity(unchecked) var epoch = Epoch.first
     /// L1 entries changed and not yet captured, by index, with their epoch.
     @exclusivity(unchecked) var l1Dirty: [Int: Epoch] = [:]
     @exclusivity(unchecked) var writes = Slab<WriteID, WriteRequest>()
@@ -29,7 +29,7 @@ final class WritableState {
     @exclusivity(unchecked) var inPlaceInFlight = 0
     /// Deferred refcount decreases: clusters whose last reference was removed at an epoch (O4).
     @exclusivity(unchecked) var pendingFrees: [(epoch: Epoch, generation: Generation, clusters: [UInt64])] = []
-    @exclusivity(unchecked) var generation: Generation = 0
+    @exclusivity(unchecked) var generation = Generation.initial
     @exclusivity(unchecked) var inFlight = InFlightGenerations()
     @exclusivity(unchecked) var flush = FlushState()
     /// Host clusters holding the L2 tables the L1 table points to, so that a data write or a free that

@@ -16,6 +16,9 @@ struct WriteRequest {
         /// Another allocation of the same guest cluster is in flight (Q3); the write looks the cluster
         /// up again once it is linked.
         case reservation(AllocationID)
+    }
+
+    enum Hold {
         /// FUA: done, answered once a flush covering it is durable.
         case flush
     }
@@ -25,7 +28,7 @@ struct WriteRequest {
     let kind: Kind
     let fua: Bool
     let generation: Generation
-    var progress: RangeProgress<Wait>
+    var progress: RangeProgress<Wait, Hold>
 
     var length: UInt64 { progress.length }
     var position: UInt64 { progress.position }
